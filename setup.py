@@ -1,0 +1,42 @@
+"""mae_jax: masked autoencoders for 6-channel high-content-screening microscopy, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mae_jax",
+    version="0.1.0",
+    description="JAX/Flax MAEs for HCS microscopy and genome-wide maps of biology "
+                "(Kraus et al., arXiv 2309.16064).",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mae_jax", "mae_jax.*", "data_prep", "data_prep.*",
+                                    "eval", "eval.*"]),
+    package_data={"mae_jax": ["data/*"]},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "numpy>=2.0",
+        "ml-collections>=1.1.0",
+        "einops>=0.8",
+        "absl-py>=2.1",
+        "google-crc32c>=1.6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "pillow>=10.0",
+        "tifffile>=2024.1.1",
+        "pandas>=2.1",
+        "pyarrow>=15",
+        "scipy>=1.11",
+        "portpicker>=1.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12]"],
+    },
+)

@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices before jax is imported, so sharding is really exercised."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+# Grain 0.2.18 reads absl flags in mp_prefetch outside app.run (grain #1355).
+flags.FLAGS.mark_as_parsed()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert len(jax.devices()) == 8, jax.devices()
+  return jax.devices()
