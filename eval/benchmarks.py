@@ -23,8 +23,6 @@ import numpy as np
 
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 MIN_ENTITIES = 20  # EFAAR MIN_REQ_ENT_CNT
-TILE = 2048
-_NOKEY = np.uint32(0xFFFFFFFF)  # key of masked entries: above every finite float
 
 
 class InsufficientEntities(ValueError):
@@ -47,6 +45,9 @@ def percentile_recall(null, queries, thresholds=THRESHOLDS) -> dict:
 
 # ---------------------------------------------------------------------------- similarity tiles
 
+EDGES = 8  # fixed number of bracket edges, so one executable computes every tile
+
+
 def normalize_rows(embeddings) -> np.ndarray:
   """float32 unit rows; zero rows stay zero (cosine 0 with everything, as sklearn)."""
   x = np.asarray(embeddings, np.float32)
@@ -58,49 +59,70 @@ def normalize_rows(embeddings) -> np.ndarray:
   return (x / np.where(norm > 0, norm, 1.0)[:, None]).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("tile",))
-def similarity_tile(xn, i0, j0, n, tile=TILE):
-  """S[i0:i0+tile, j0:j0+tile] and monotone uint32 keys; keys of non-null entries (j <= i, j >= n)
-  are 0xFFFFFFFF. One compiled function for every tile, so every S entry is computed one way."""
-  a = jax.lax.dynamic_slice_in_dim(xn, i0, tile)
-  b = jax.lax.dynamic_slice_in_dim(xn, j0, tile)
+@functools.partial(jax.jit, static_argnames=("rows", "cols"))
+def similarity_tile(xn, i0, j0, n, edges, rows, cols):
+  """S[i0:i0+rows, j0:j0+cols] and a uint8 code per entry: the number of `edges` <= S, or 254
+  where the entry is not in the null (j <= i or j >= n). Every S entry anywhere in this module
+  comes from this one executable (fixed shapes; offsets and edges are runtime values)."""
+  a = jax.lax.dynamic_slice_in_dim(xn, i0, rows)
+  b = jax.lax.dynamic_slice_in_dim(xn, j0, cols)
   s = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  s = jnp.where(s == 0, jnp.float32(0), s)  # -0.0 == 0.0 for sort/searchsorted; one key for both
-  bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
-  key = bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
-  i = i0 + jnp.arange(tile)[:, None]
-  j = j0 + jnp.arange(tile)[None, :]
-  key = jnp.where((j > i) & (j < n), key, jnp.uint32(_NOKEY))
-  return s, key
-
-
-def _key_to_float(key: int) -> np.float32:
-  key = np.uint32(key)
-  bits = key ^ np.uint32(0x80000000) if key & np.uint32(0x80000000) else ~key
-  return np.array([bits], np.uint32).view(np.float32)[0]
+  s = jnp.where(s == 0, jnp.float32(0), s)  # -0.0 and 0.0 are one value for sort/searchsorted
+  code = sum((s >= edges[k]).astype(jnp.uint8) for k in range(EDGES))
+  i = i0 + jnp.arange(rows)[:, None]
+  j = j0 + jnp.arange(cols)[None, :]
+  return s, jnp.where((j > i) & (j < n), code, jnp.uint8(254))
 
 
 class SimilarityTiles:
-  """Upper-triangle tiles of the cosine-similarity matrix of a map."""
+  """Covers the upper triangle of the cosine-similarity matrix with fixed-shape tiles."""
 
-  def __init__(self, embeddings, tile: int | None = None):
+  def __init__(self, embeddings, rows: int = 1024, cols: int = 2048):
     xn = normalize_rows(embeddings)
-    self.n = len(xn)
-    self.tile = tile or min(TILE, max(128, -(-self.n // 128) * 128))
-    self.blocks = -(-self.n // self.tile)
-    pad = self.blocks * self.tile - self.n
+    self.n = n = len(xn)
+    align = lambda v: max(128, -(-v // 128) * 128)
+    self.rows, self.cols = min(rows, align(n)), min(cols, align(n))
+    # Column windows of row block r0 start at r0, r0 + cols, ... until past n.
+    self.windows = [(r0, c0) for r0 in range(0, n, self.rows) for c0 in range(r0, n, self.cols)]
+    pad = max(i0 + self.rows for i0, _ in self.windows) + self.cols - n
     self.xn = jnp.asarray(np.pad(xn, ((0, pad), (0, 0))))
 
   @property
   def null_size(self) -> int:
     return self.n * (self.n - 1) // 2
 
-  def tiles(self):
-    """Yields (bi, bj, s, key) as numpy arrays for every tile with bj >= bi."""
-    for bi in range(self.blocks):
-      for bj in range(bi, self.blocks):
-        s, key = similarity_tile(self.xn, bi * self.tile, bj * self.tile, self.n, tile=self.tile)
-        yield bi, bj, np.asarray(s), np.asarray(key)
+  def tile(self, w: int, edges=None):
+    """(s, code) of window w as numpy arrays."""
+    e = np.full(EDGES, np.inf, np.float32)
+    if edges is not None:
+      e[:len(edges)] = edges
+    i0, j0 = self.windows[w]
+    s, code = similarity_tile(self.xn, i0, j0, self.n, e, rows=self.rows, cols=self.cols)
+    return np.asarray(s), np.asarray(code)
+
+  def locate(self, i, j):
+    """(window, local row, local col) of entries (i, j), i < j."""
+    r0 = (i // self.rows) * self.rows
+    k = (j - r0) // self.cols
+    first = {}
+    for w, (a, _) in enumerate(self.windows):
+      first.setdefault(a, w)
+    w = np.array([first[v] for v in r0.tolist()], np.int64) + k
+    return w, i - r0, j - r0 - k * self.cols
+
+  def sample_rows(self, rows):
+    """Cosines of a few rows against all others (only for choosing brackets)."""
+    return np.asarray(self.xn[rows] @ self.xn[:self.n].T)
+
+
+def null_from_tiles(tiles: SimilarityTiles):
+  """The full upper-triangle null as the reference sees it, assembled from the same tiles."""
+  full = np.zeros((tiles.n, tiles.n + tiles.cols), np.float32)
+  for w, (i0, j0) in enumerate(tiles.windows):
+    s, _ = tiles.tile(w)
+    full[i0:i0 + tiles.rows, j0:j0 + tiles.cols] = s[:tiles.n - i0]
+  full = full[:, :tiles.n]
+  return full[np.triu_indices(tiles.n, 1)], full
 
 
 def _rank_cutoffs(m: int, lo: float, hi: float):
@@ -120,37 +142,149 @@ def _rank_cutoffs(m: int, lo: float, hi: float):
   return k_lo, k_hi
 
 
-def _order_statistics(tiles: SimilarityTiles, ranks, query_tiles):
-  """Exact null_sorted[r] for each rank r (two-pass 16+16-bit radix select) and query values.
+def needed_ranks(m: int, thresholds=THRESHOLDS) -> list:
+  """The order statistics of an m-element null that decide recall at these thresholds."""
+  ranks = set()
+  for lo, hi in thresholds:
+    k_lo, k_hi = _rank_cutoffs(m, lo, hi)
+    ranks |= {k_lo} if 0 <= k_lo < m else set()
+    ranks |= {k_hi - 1} if 1 <= k_hi <= m else set()
+  return sorted(ranks)
 
-  query_tiles: {(bi, bj): (local_i, local_j, positions)}; returns (values by rank, query values)."""
-  ranks = sorted(set(int(r) for r in ranks))
-  n_queries = sum(len(p) for _, _, p in query_tiles.values())
-  qvals = np.empty(n_queries, np.float32)
-  hi_hist = np.zeros(1 << 16, np.int64)
-  for bi, bj, s, key in tiles.tiles():
-    if (bi, bj) in query_tiles:
-      li, lj, pos = query_tiles[bi, bj]
-      qvals[pos] = s[li, lj]
-    hi_hist += np.bincount((key >> 16).ravel(), minlength=1 << 16)
-  hi_hist[-1] -= tiles.blocks * (tiles.blocks + 1) // 2 * tiles.tile ** 2 - tiles.null_size
-  if not ranks:
-    return {}, qvals
-  cum = np.cumsum(hi_hist)
-  bins = {r: int(np.searchsorted(cum, r, side="right")) for r in ranks}
-  wanted = sorted(set(bins.values()))
-  lo_hist = {b: np.zeros(1 << 16, np.int64) for b in wanted}
-  for _, _, _, key in tiles.tiles():
-    top = key >> 16
-    for b in wanted:
-      lo_hist[b] += np.bincount((key[top == b] & 0xFFFF), minlength=1 << 16)
+
+def _tail_recall(q, stats, m, thresholds) -> dict:
+  """Recall from order statistics: low tail iff q < null[k_lo], high tail iff null[k_hi-1] < q."""
   out = {}
+  for lo, hi in thresholds:
+    k_lo, k_hi = _rank_cutoffs(m, lo, hi)
+    low = q < stats[k_lo] if 0 <= k_lo < m else np.full(q.shape, k_lo >= m)
+    high = stats[k_hi - 1] < q if 1 <= k_hi <= m else np.full(q.shape, k_hi <= 0)
+    out[recall_key(lo, hi)] = float(np.mean(low | high)) if len(q) else float("nan")
+  return out
+
+
+def order_statistic_recall(null, queries, thresholds=THRESHOLDS) -> dict:
+  """The rank/recall core of the fast path on an explicit null (same result as
+  `percentile_recall`, from a few order statistics instead of a full sort)."""
+  null = np.asarray(null).ravel()
+  q = np.asarray(queries, null.dtype).ravel()
+  ranks = needed_ranks(len(null), thresholds)
+  part = np.partition(null, ranks) if ranks else null
+  return _tail_recall(q, {r: part[r] for r in ranks}, len(null), thresholds)
+
+
+def _brackets(tiles: SimilarityTiles, ranks, sample_rows=256, groups=8, width=10.0):
+  """Disjoint [a, b) value intervals that very likely hold null_sorted[r] for every rank r.
+
+  Estimated from the cosines of a few random rows; the half-width is `width` standard errors
+  of the quantile, measured across row groups (rows of a real map are far from independent)."""
+  m, n = tiles.null_size, tiles.n
+  rows = np.sort(np.random.default_rng(0).choice(n, min(n, sample_rows), replace=False))
+  s = tiles.sample_rows(rows)
+  keep = np.ones(s.shape, bool)
+  keep[np.arange(len(rows)), rows] = False  # self-pairs are not in the null
+  p = (np.asarray(ranks, np.float64) + 0.5) / m
+  pooled = np.quantile(s[keep], p)
+  g = min(groups, len(rows))
+  per_group = np.stack([np.quantile(v[k], p) for v, k in
+                        zip(np.array_split(s, g), np.array_split(keep, g))])
+  se = per_group.std(axis=0, ddof=1) / np.sqrt(g) if g > 1 else np.abs(pooled)
+  half = width * se + 1e-6
+  iv = sorted(zip(pooled - half, pooled + half))
+  merged = [list(iv[0])]
+  for a, b in iv[1:]:
+    if a <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], b)
+    else:
+      merged.append([a, b])
+  while len(merged) > EDGES // 2:  # many thresholds: join the closest brackets
+    k = int(np.argmin([merged[t + 1][0] - merged[t][1] for t in range(len(merged) - 1)]))
+    merged[k:k + 2] = [[merged[k][0], merged[k + 1][1]]]
+  return np.array(merged, np.float32).ravel()
+
+
+def _stream(tiles, ranks, query_tiles, n_queries, edges, cap):
+  """One pass over all tiles: query values, counts per code, values inside the brackets."""
+  qvals = np.empty(n_queries, np.float32)
+  counts = np.zeros(EDGES + 1, np.int64)
+  inside, extracted = [], 0
+  even = range(0, len(edges) + 1, 2)
+  for w in range(len(tiles.windows)):
+    s, code = tiles.tile(w, edges)
+    if w in query_tiles:
+      li, lj, pos = query_tiles[w]
+      qvals[pos] = s[li, lj]
+    for c in even:
+      counts[c] += np.count_nonzero(code == c)
+    if extracted <= cap:
+      odd = (code & 1).view(bool)
+      vals, codes = s[odd], code[odd]
+      extracted += len(vals)
+      inside.append((vals, codes))
+  if extracted > cap:
+    return qvals, None
+  vals = np.concatenate([v for v, _ in inside])
+  codes = np.concatenate([c for _, c in inside])
+  out = {}
+  for c in range(1, len(edges), 2):
+    out[c] = np.sort(vals[codes == c])
+    counts[c] = len(out[c])
+  cum = np.concatenate([[0], np.cumsum(counts)])
+  stats = {}
   for r in ranks:
-    b = bins[r]
+    c = int(np.searchsorted(cum, r, side="right")) - 1
+    if c % 2 == 1:  # r falls inside a bracket: exact
+      stats[r] = out[c][r - cum[c]]
+  return qvals, stats
+
+
+def _radix_select(tiles: SimilarityTiles, ranks):
+  """Exact null_sorted[r] by a two-pass 16+16-bit radix select over float keys (the fallback)."""
+  def keys(w):
+    s, code = tiles.tile(w)
+    bits = s.view(np.uint32)
+    key = bits ^ np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    return key[code != 254]
+  hist = np.zeros(1 << 16, np.int64)
+  for w in range(len(tiles.windows)):
+    hist += np.bincount(keys(w) >> 16, minlength=1 << 16)
+  cum = np.cumsum(hist)
+  bins = {r: int(np.searchsorted(cum, r, side="right")) for r in ranks}
+  low = {b: np.zeros(1 << 16, np.int64) for b in set(bins.values())}
+  for w in range(len(tiles.windows)):
+    k = keys(w)
+    for b in low:
+      low[b] += np.bincount(k[(k >> 16) == b] & 0xFFFF, minlength=1 << 16)
+  out = {}
+  for r, b in bins.items():
     below = int(cum[b - 1]) if b else 0
-    low = int(np.searchsorted(np.cumsum(lo_hist[b]), r - below, side="right"))
-    out[r] = _key_to_float((b << 16) | low)
-  return out, qvals
+    lo16 = int(np.searchsorted(np.cumsum(low[b]), r - below, side="right"))
+    out[r] = _key_to_float((b << 16) | lo16)
+  return out
+
+
+def _key_to_float(key: int) -> np.float32:
+  key = np.uint32(key)
+  bits = key ^ np.uint32(0x80000000) if key & np.uint32(0x80000000) else ~key
+  return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def null_order_statistics(tiles: SimilarityTiles, ranks, query_tiles=None, n_queries=0,
+                          cap=1 << 25):
+  """Exact {r: null_sorted[r]} and the query values, with one streamed pass in the usual case.
+
+  Bracket the wanted order statistics from a row sample, then stream every tile once, counting
+  entries per bracket code and keeping only the entries inside the brackets. A rank whose
+  bracket missed (or brackets holding more than `cap` entries) is resolved exactly by a
+  radix select, which streams the tiles twice more."""
+  ranks = sorted(set(int(r) for r in ranks))
+  edges = _brackets(tiles, ranks) if ranks else np.zeros(0, np.float32)
+  qvals, stats = _stream(tiles, ranks, query_tiles or {}, n_queries, edges, cap)
+  missed = [r for r in ranks if stats is None or r not in stats]
+  stats = dict(stats or {})
+  if missed:
+    stats.update(_radix_select(tiles, missed))
+  return stats, qvals, len(missed)
 
 
 # ----------------------------------------------------------------------------- recall
@@ -158,15 +292,12 @@ def _order_statistics(tiles: SimilarityTiles, ranks, query_tiles):
 def filter_pairs(pairs, index: Mapping[str, int]):
   """EFAAR filter_relationships + map filter: sorted names, no self-pairs, unique, both in map.
 
-  Returns (i, j) int arrays with i < j (row indices of the map)."""
-  seen = set()
-  for a, b in pairs:
-    a, b = str(a), str(b)
-    if a == b or a not in index or b not in index:
-      continue
-    seen.add((a, b) if a < b else (b, a))
-  ij = np.array(sorted((min(index[a], index[b]), max(index[a], index[b])) for a, b in seen),
-                np.int64).reshape(-1, 2)
+  Labels are unique, so deduplicating index pairs is deduplicating name pairs. Returns (i, j)
+  int64 arrays with i < j (rows of the map), sorted."""
+  get = index.get
+  ij = np.array([(get(str(a), -1), get(str(b), -1)) for a, b in pairs], np.int64).reshape(-1, 2)
+  ij = ij[(ij >= 0).all(axis=1) & (ij[:, 0] != ij[:, 1])]
+  ij = np.unique(np.sort(ij, axis=1), axis=0)
   return ij[:, 0], ij[:, 1]
 
 
@@ -182,61 +313,54 @@ def check_labels(labels) -> dict:
 
 def relationship_recall(embeddings, labels, pairs_by_source: Mapping[str, Sequence],
                         thresholds=THRESHOLDS, min_entities=MIN_ENTITIES, strict=False,
-                        tile=None) -> dict:
-  """Recall of several sources against one shared all-pairs null.
+                        tile_shape=(1024, 2048)) -> dict:
+  """Recall of several sources against one shared all-pairs null (EFAAR v1.0, exact).
 
-  A source with fewer than `min_entities` of its genes among its in-map pairs is reported as
-  {"pairs": n, "skipped": reason} (or raises InsufficientEntities when strict)."""
+  A source with fewer than `min_entities` distinct genes among its in-map pairs is reported as
+  {"pairs", "entities", "skipped": reason}, or raises InsufficientEntities when `strict`."""
   index = check_labels(labels)
   emb = np.asarray(embeddings)
   if emb.ndim != 2 or len(emb) != len(index):
     raise ValueError(f"embeddings shape {emb.shape} does not match {len(index)} labels")
   if len(index) < 2:
     raise ValueError("recall needs at least 2 perturbations")
-  tiles = SimilarityTiles(emb, tile)
+  tiles = SimilarityTiles(emb, *tile_shape)
   m = tiles.null_size
   sources, queries, offset = {}, {}, 0
   for src, pairs in pairs_by_source.items():
     i, j = filter_pairs(pairs, index)
     entities = len(np.union1d(i, j))
-    if entities < min_entities:
-      reason = f"{entities} of its genes in the map, fewer than {min_entities}"
+    if entities < max(min_entities, 2):
+      reason = f"{entities} of its genes in the map, fewer than {max(min_entities, 2)}"
       if strict:
         raise InsufficientEntities(f"source {src}: {reason}")
       sources[src] = {"pairs": int(len(i)), "entities": entities, "skipped": reason}
       continue
     queries[src] = (i, j, np.arange(offset, offset + len(i)))
     offset += len(i)
-  cut = {(lo, hi): _rank_cutoffs(m, lo, hi) for lo, hi in thresholds}
-  ranks = [k for k_lo, _ in cut.values() if 0 <= k_lo < m for k in [k_lo]]
-  ranks += [k_hi - 1 for _, k_hi in cut.values() if 1 <= k_hi <= m]
-  query_tiles = _group_by_tile(queries.values(), tiles.tile)
-  stats, qvals = _order_statistics(tiles, ranks, query_tiles)
+  query_tiles = _group_by_window(tiles, queries.values())
+  ranks = needed_ranks(m, thresholds)
+  stats, qvals, missed = null_order_statistics(tiles, ranks, query_tiles, offset)
   for src, (i, j, pos) in queries.items():
     q = qvals[pos]
     out = {"pairs": int(len(i)), "entities": int(len(np.union1d(i, j)))}
-    for (lo, hi), (k_lo, k_hi) in cut.items():
-      low = np.ones_like(q, bool) if k_lo >= m else (q < stats[k_lo] if k_lo >= 0 else q < -np.inf)
-      high = np.ones_like(q, bool) if k_hi <= 0 else (
-          stats[k_hi - 1] < q if k_hi <= m else q > np.inf)
-      out[recall_key(lo, hi)] = float(np.mean(low | high))
+    out.update(_tail_recall(q, stats, m, thresholds))
     sources[src] = out
-  return {"n_perturbations": len(index), "null_pairs": m,
+  return {"n_perturbations": len(index), "null_pairs": m, "fallback_ranks": missed,
           "sources": {s: sources[s] for s in pairs_by_source}}
 
 
-def _group_by_tile(query_sets, tile):
-  """{(bi, bj): (local_i, local_j, positions)} so query values are read from the null's tiles."""
-  i = np.concatenate([q[0] for q in query_sets] + [np.empty(0, np.int64)])
-  j = np.concatenate([q[1] for q in query_sets] + [np.empty(0, np.int64)])
-  pos = np.concatenate([q[2] for q in query_sets] + [np.empty(0, np.int64)])
-  tile_id = (i // tile) * (1 << 32) + j // tile
-  order = np.argsort(tile_id, kind="stable")
-  ids, starts = np.unique(tile_id[order], return_index=True)
-  groups = {}
-  for t_id, sel in zip(ids.tolist(), np.split(order, starts[1:])):
-    groups[t_id >> 32, t_id & 0xFFFFFFFF] = (i[sel] % tile, j[sel] % tile, pos[sel])
-  return groups
+def _group_by_window(tiles, query_sets):
+  """{window: (local_i, local_j, positions)}: query values are read from the null's own tiles."""
+  empty = [np.empty(0, np.int64)]
+  i = np.concatenate([q[0] for q in query_sets] + empty)
+  j = np.concatenate([q[1] for q in query_sets] + empty)
+  pos = np.concatenate([q[2] for q in query_sets] + empty)
+  w, li, lj = tiles.locate(i, j)
+  order = np.argsort(w, kind="stable")
+  ids, starts = np.unique(w[order], return_index=True)
+  return {int(k): (li[sel], lj[sel], pos[sel])
+          for k, sel in zip(ids, np.split(order, starts[1:]))}
 
 
 def known_relationship_recall(embeddings: np.ndarray, labels: Sequence[str],
@@ -245,31 +369,50 @@ def known_relationship_recall(embeddings: np.ndarray, labels: Sequence[str],
   """{"pairs": int, "recall_{lo}_{hi}": float, ...} for one source (EFAAR v1.0, exact).
 
   Raises ValueError on duplicate labels and InsufficientEntities (a ValueError) when fewer than
-  `min_entities` genes of the in-map pairs are present."""
+  `min_entities` distinct genes of the source's in-map pairs are in the map."""
   res = relationship_recall(embeddings, labels, {"source": pairs}, thresholds, min_entities,
                             strict=True)["sources"]["source"]
-  res.pop("entities")
+  del res["entities"]
   return res
 
 
-def reference_recall(embeddings, labels, pairs, thresholds=THRESHOLDS, tile=None) -> dict:
-  """Plain reference on the same S tiles: materialise the full null, sort, searchsorted."""
+def reference_recall(embeddings, labels, pairs, thresholds=THRESHOLDS,
+                     tile_shape=(1024, 2048)) -> dict:
+  """The plain reference on the same S tiles: the whole null, np.sort, searchsorted."""
   index = check_labels(labels)
-  tiles = SimilarityTiles(embeddings, tile)
   i, j = filter_pairs(pairs, index)
-  null, s_full = null_from_tiles(tiles, keep_matrix=True)
-  out = {"pairs": int(len(i))}
-  out.update(percentile_recall(null, s_full[i, j], thresholds))
-  return out
+  null, full = null_from_tiles(SimilarityTiles(embeddings, *tile_shape))
+  return {"pairs": int(len(i)), **percentile_recall(null, full[i, j], thresholds)}
 
 
-def null_from_tiles(tiles: SimilarityTiles, keep_matrix=False):
-  """The full upper-triangle null (and optionally the N x N matrix) from the same tiles."""
-  t, n = tiles.tile, tiles.n
-  full = np.zeros((tiles.blocks * t,) * 2, np.float32)
-  for bi, bj, s, _ in tiles.tiles():
-    full[bi * t:(bi + 1) * t, bj * t:(bj + 1) * t] = s
-  full = full[:n, :n]
-  iu = np.triu_indices(n, 1)
-  null = full[iu]
-  return (null, full) if keep_matrix else null
+# ------------------------------------------------------------------------ replicate consistency
+
+def replicate_consistency(embeddings, perturbations, negative_controls, alpha=0.05) -> dict:
+  """EFAAR v1.0 consistency (method.md §4.2): per perturbation, the mean pairwise cosine among
+  its replicates (>= 2); p = 1 - searchsorted(null, x, 'left') / |null| against the same
+  statistic of the negative-control perturbations; reports the fraction with p <= alpha.
+
+  Uses sum_{a<b} x_a.x_b = (|sum x|^2 - sum |x|^2) / 2 on unit rows, so no pair is enumerated."""
+  x = normalize_rows(embeddings).astype(np.float64)
+  labels = np.asarray(perturbations).astype(str)
+  if len(labels) != len(x):
+    raise ValueError(f"{len(labels)} perturbation labels for {len(x)} embeddings")
+  uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  order = np.argsort(inv, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  sums = np.add.reduceat(x[order], starts, axis=0)
+  sq = np.add.reduceat(np.einsum("nd,nd->n", x, x)[order], starts)
+  k = counts.astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    stat = (np.einsum("pd,pd->p", sums, sums) - sq) / (k * (k - 1))
+  neg = np.isin(uniq, list(map(str, negative_controls)))
+  ok = counts >= 2
+  null = np.sort(stat[neg & ok])
+  tested = stat[~neg & ok]
+  base = {"perturbations": int(len(tested)), "null_perturbations": int(len(null)), "alpha": alpha}
+  if len(null) == 0 or len(tested) == 0:
+    return {**base, "skipped": "needs negative-control and test perturbations with >= 2 "
+            "replicates each"}
+  p = 1.0 - np.searchsorted(null, tested, side="left") / len(null)
+  return {**base, "fraction_consistent": float(np.mean(p <= alpha)),
+          "median_replicate_cosine": float(np.median(tested))}
