@@ -1,0 +1,55 @@
+"""recall.png: recall per source at each threshold pair, with the chance level drawn."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_COLORS = ("#1f5fa8", "#e08a1e", "#3a9a5b", "#b8403a")
+
+
+def _thresholds(result):
+  keys = []
+  for src in result["sources"].values():
+    keys += [k for k in src if k.startswith("recall_") and k not in keys]
+  return keys
+
+
+def plot_recall(result: dict, path, title: str):
+  """Grouped bars (one group per source, one bar per threshold pair) saved to `path` (PNG)."""
+  sources = list(result["sources"])
+  keys = _thresholds(result)
+  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(sources), 1), 4.4), dpi=150)
+  width = 0.8 / max(len(keys), 1)
+  x = np.arange(len(sources))
+  top = 0.0
+  for k, key in enumerate(keys):
+    lo, hi = (float(v) for v in key.split("_")[1:3])
+    chance = lo + (1 - hi)
+    color = _COLORS[k % len(_COLORS)]
+    vals = [result["sources"][s].get(key) for s in sources]
+    pos = x - 0.4 + width * (k + 0.5)
+    heights = [v if v is not None else 0 for v in vals]
+    bars = ax.bar(pos, heights, width * 0.92, color=color,
+                  label=f"recall ({lo:g}, {hi:g})", zorder=2)
+    for b, v in zip(bars, vals):
+      ax.annotate("skipped" if v is None else f"{v:.2f}", (b.get_x() + b.get_width() / 2,
+                  b.get_height()), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                  textcoords="offset points", rotation=90 if v is None else 0, color="#333")
+    ax.axhline(chance, color=color, ls="--", lw=1, zorder=1, alpha=0.8)
+    ax.annotate(f"chance {chance:.0%}", (len(sources) - 0.5, chance), ha="right", va="bottom",
+                fontsize=7, color=color)
+    top = max([top, chance] + heights)
+  labels = [f"{s}\n{result['sources'][s].get('pairs', 0):,} pairs" for s in sources]
+  ax.set_xticks(x, labels, fontsize=8)
+  ax.set_xlim(-0.6, len(sources) - 0.4)
+  ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
+  ax.set_ylabel("recall of known relationships")
+  ax.spines[["top", "right"]].set_visible(False)
+  ax.grid(axis="y", alpha=0.3, zorder=0)
+  ax.legend(fontsize=8, frameon=False, loc="upper left")
+  n = result.get("n_perturbations")
+  ax.set_title(title + (f"\n{n:,} perturbations" if n else ""), fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+  plt.close(fig)

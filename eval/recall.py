@@ -1,0 +1,331 @@
+"""Known-relationship recall of a screen's embeddings: correct -> aggregate -> arm-centre -> recall.
+
+  python -m eval.recall --embeddings=FILE [--metadata=CSV] --out=DIR
+  python -m eval.recall --ckpt=DIR --manifest=PATH --out=DIR
+
+Writes DIR/recall.json ({"n_perturbations", "sources": {src: {"pairs", "recall_0.05_0.95",
+"recall_0.1_0.9", ...}}, "consistency", "batch_correction", "arm_correction", "settings", ...}),
+recall.csv, recall.png and gene_embeddings.npz (labels + the corrected map); the last stdout
+line is recall.json. In-process: `score_wells(emb, meta, **options)` / `score_map(labels, x,
+**options)` return that dict (plus "_map"), `write_outputs(result, out_dir, title)` writes it.
+
+Choices: a source with fewer than 20 of its genes in the map is reported as skipped (recall
+null, with the reason) unless --sources was given explicitly, in which case it is an error.
+Arm centring uses unexpressed genes (zFPKM < -3) of --expression (a CSV with gene,zFPKM, or
+`u2os` for the public U2OS proxy); without it, the mean over all map genes on the arm
+(method.md §9.8). Duplicate map labels always raise.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from eval import aggregate as agg
+from eval import benchmarks
+from eval import correct
+from eval import tables
+from mae_jax import resources
+
+DEFAULTS = dict(batch_correction="tvn", coral=True, batch_key="experiment",
+                control="EMPTY_control", arm_correction=True, expression=None,
+                sources=resources.SOURCES, annotations_dir=None, aggregation="mean",
+                perturbation_types=None, thresholds=benchmarks.THRESHOLDS,
+                min_entities=benchmarks.MIN_ENTITIES, strict_sources=False, pairs_by_source=None)
+_MAP_KEYS = ("arm_correction", "expression", "sources", "annotations_dir", "thresholds",
+             "min_entities", "strict_sources", "pairs_by_source")
+
+
+def load_expression(expression):
+  """None, a {gene: zFPKM} dict, "u2os" (efaar 0.1.0 proxy) or a CSV with gene and zFPKM."""
+  if expression is None or isinstance(expression, dict):
+    return expression
+  if str(expression).lower() == "u2os":
+    return resources.u2os_expression()
+  import pandas as pd
+  df = tables.normalise_columns(tables.read_csv(expression))
+  col = next((c for c in df.columns if str(c).lower() == "zfpkm"), None)
+  if "gene" not in df or col is None:
+    raise tables.TableError(f"{expression}: expression CSV needs columns gene and zFPKM")
+  vals = pd.to_numeric(df[col], errors="coerce")
+  return {str(g): float(v) for g, v in zip(df["gene"], vals) if v == v}
+
+
+def load_sources(sources, annotations_dir=None) -> dict:
+  return {s: resources.load_relationships(s, annotations_dir) for s in sources}
+
+
+def _batches(meta, batch_key):
+  cols = []
+  for name in str(batch_key).split(","):
+    name = name.strip()
+    col = tables.RENAME.get(name.lower(), name.lower())
+    if col not in meta:
+      raise tables.TableError(f"batch key column {name!r} not in the metadata (columns: "
+                              f"{', '.join(map(str, meta.columns))})")
+    cols.append(meta[col].astype(str))
+  out = cols[0]
+  for c in cols[1:]:
+    out = out + "|" + c
+  return out.to_numpy()
+
+
+def describe(result: dict) -> str:
+  """A short method line for titles, e.g. "TVN + CORAL, arm-centred (unexpressed genes)"."""
+  bc = result.get("batch_correction", {})
+  name = {"tvn": "TVN", "pca_centerscale": "PCA-CenterScale", "none": "no batch correction"}
+  text = name.get(bc.get("method"), "precomputed map")
+  if bc.get("method") == "tvn" and "coral" in bc:
+    text += " + CORAL"
+  arm = result.get("arm_correction", {})
+  if arm.get("mode"):
+    text += f", arm-centred ({arm['mode'].replace('_', ' ')})"
+  return text
+
+
+def score_map(labels, x, **options) -> dict:
+  """Arm centring and recall of an aggregated map (one row per unique label)."""
+  o = {**DEFAULTS, **options}
+  t0 = time.perf_counter()
+  pairs = o["pairs_by_source"] or load_sources(o["sources"], o["annotations_dir"])
+  labels = np.asarray(labels).astype(str)
+  benchmarks.check_labels(labels)
+  x = np.asarray(x, np.float32)
+  out = {"arm_correction": {"mode": None}}
+  if o["arm_correction"]:
+    arms = resources.gene_arms()
+    related = set().union(*map(set, pairs.values())) if pairs else set()
+    before = correct.arm_mates_cosine(labels, x, arms, related)
+    x, info = correct.arm_correct(labels, x, arms, load_expression(o["expression"]))
+    out["arm_correction"] = {**info, "arm_mates_before": before,
+                             "arm_mates_after": correct.arm_mates_cosine(labels, x, arms,
+                                                                         related)}
+  rec = benchmarks.relationship_recall(x, labels, pairs, o["thresholds"], o["min_entities"],
+                                       strict=o["strict_sources"])
+  keys = [benchmarks.recall_key(lo, hi) for lo, hi in o["thresholds"]]
+  for src in rec["sources"].values():
+    if "skipped" in src:
+      src.update({k: None for k in keys})
+  return {"n_perturbations": rec["n_perturbations"], "sources": rec["sources"],
+          "null_pairs": rec["null_pairs"], **out,
+          "chance": {k: lo + 1 - hi for k, (lo, hi) in zip(keys, o["thresholds"])},
+          "seconds_recall": round(time.perf_counter() - t0, 3),
+          "_map": {"labels": labels, "embeddings": x}}
+
+
+def score_wells(emb, meta, **options) -> dict:
+  """Batch correction on controls -> per-perturbation aggregation -> `score_map`."""
+  o = {**DEFAULTS, **options}
+  meta = tables.normalise_columns(meta.reset_index(drop=True).copy())
+  x = np.asarray(emb, np.float32)
+  if len(meta) != len(x):
+    raise ValueError(f"{len(x)} embeddings but {len(meta)} metadata rows")
+  if "perturbation" not in meta:
+    raise tables.TableError("well metadata has no perturbation column")
+  o["pairs_by_source"] = o["pairs_by_source"] or load_sources(o["sources"], o["annotations_dir"])
+  if o["strict_sources"]:  # fail before the expensive steps
+    _check_sources(agg.map_labels(meta)[~agg.excluded_from_map(meta, o["control"])],
+                   o["pairs_by_source"], o["min_entities"])
+  t0 = time.perf_counter()
+  ctrl, how = agg.control_mask(meta, o["control"])
+  method = o["batch_correction"]
+  if method == "none":
+    info = {"method": "none"}
+  elif method in ("tvn", "pca_centerscale"):
+    batches = _batches(meta, o["batch_key"]) if o["coral"] or method != "tvn" else None
+    if method == "tvn":
+      x, info = correct.tvn(x, ctrl, batches, coral=o["coral"])
+    else:
+      x, info = correct.pca_centerscale(x, ctrl, batches)
+    info["batch_key"] = o["batch_key"]
+  else:
+    raise ValueError(f"batch_correction must be none, tvn or pca_centerscale, got {method!r}")
+  info["controls_from"] = how
+  info["control_wells"] = int(ctrl.sum())
+  seconds_correction = time.perf_counter() - t0
+  labels, gmap, _ = agg.aggregate_wells(x, meta, o["control"], o["aggregation"],
+                                        o["perturbation_types"])
+  expression = load_expression(o["expression"])
+  result = score_map(labels, gmap, **{**{k: o[k] for k in _MAP_KEYS}, "expression": expression})
+  result["consistency"] = _consistency(x, meta, o["control"], expression)
+  result.update(batch_correction=info, n_wells=int(len(x)),
+                seconds_correction=round(seconds_correction, 3))
+  result["settings"] = _settings(o)
+  result["method"] = describe(result)
+  return result
+
+
+def _check_sources(labels, pairs_by_source, min_entities):
+  index = {g: k for k, g in enumerate(sorted(set(labels)))}
+  for src, pairs in pairs_by_source.items():
+    i, j = benchmarks.filter_pairs(pairs, index)
+    n = len(np.union1d(i, j))
+    if n < max(min_entities, 2):
+      raise benchmarks.InsufficientEntities(
+          f"source {src}: {n} of its genes in the map, fewer than {max(min_entities, 2)}")
+
+
+def _consistency(x, meta, control, expression):
+  if expression is None:
+    return {"skipped": "needs --expression: the null is the unexpressed genes (zFPKM < -3)"}
+  keep = ~agg.excluded_from_map(meta, control)
+  labels = agg.map_labels(meta)[keep]
+  negatives = {g for g in set(labels) if expression.get(g, 0.0) < correct.UNEXPRESSED_ZFPKM}
+  return benchmarks.replicate_consistency(x[keep], labels, negatives)
+
+
+def _settings(o):
+  keep = ("batch_correction", "coral", "batch_key", "control", "arm_correction", "aggregation",
+          "perturbation_types", "min_entities")
+  s = {k: o[k] for k in keep}
+  s["sources"] = list(o["pairs_by_source"] or o["sources"])
+  s["thresholds"] = [list(t) for t in o["thresholds"]]
+  s["expression"] = o["expression"] if isinstance(o["expression"], (str, type(None))) else "dict"
+  return s
+
+
+def public(result: dict) -> dict:
+  """The JSON part of a result (drops "_map")."""
+  return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
+  """Writes recall.json/.csv/.png and gene_embeddings.npz atomically; returns the JSON dict."""
+  from eval import plots
+  os.makedirs(out_dir, exist_ok=True)
+  data = public(result)
+  title = title or data.get("method") or describe(data)
+  tmp = {}
+
+  def target(name):
+    tmp[name] = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
+    return tmp[name]
+  try:
+    with open(target("recall.json"), "w") as f:
+      json.dump(data, f, indent=1, default=_json_default)
+    keys = list(data.get("chance", {}))
+    with open(target("recall.csv"), "w") as f:
+      f.write(",".join(["source", "pairs", "entities"] + keys + ["skipped"]) + "\n")
+      for src, r in data["sources"].items():
+        vals = ["" if r.get(k) is None else f"{r[k]:.6f}" for k in keys]
+        f.write(",".join([src, str(r.get("pairs", 0)), str(r.get("entities", ""))] + vals +
+                         [str(r.get("skipped", "")).replace(",", ";")]) + "\n")
+    plots.plot_recall(data, target("recall.png"), title)
+    if "_map" in result:
+      with open(target("gene_embeddings.npz"), "wb") as f:
+        np.savez(f, labels=np.asarray(result["_map"]["labels"]).astype(str),
+                 embeddings=np.asarray(result["_map"]["embeddings"], np.float32))
+    for name, path in tmp.items():
+      os.replace(path, os.path.join(out_dir, name))
+  finally:
+    for path in tmp.values():
+      if os.path.exists(path):
+        os.remove(path)
+  return json.loads(json.dumps(data, default=_json_default))
+
+
+def _json_default(v):
+  if isinstance(v, np.generic):
+    return v.item()
+  if isinstance(v, np.ndarray):
+    return v.tolist()
+  raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("embeddings", None, "table of well or perturbation embeddings "
+                      "(parquet/CSV/NPZ), e.g. OpenPhenom_rxrx3_core_embeddings.parquet")
+  flags.DEFINE_string("metadata", None, "well metadata CSV (e.g. metadata_rxrx3_core.csv)")
+  flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
+  flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset (with --ckpt)")
+  flags.DEFINE_string("out", None, "output directory")
+  flags.DEFINE_enum("batch_correction", "tvn", ["none", "tvn", "pca_centerscale"],
+                    "well-level batch correction fitted on control wells")
+  flags.DEFINE_bool("coral", True, "TVN's per-batch CORAL step")
+  flags.DEFINE_string("batch_key", "experiment", "batch column(s), comma-separated "
+                      "(experiment_name is accepted for experiment)")
+  flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells")
+  flags.DEFINE_bool("arm_correction", True, "chromosome-arm centring of the gene map")
+  flags.DEFINE_string("expression", None, "CSV with gene,zFPKM (or 'u2os') for arm centring "
+                      "on unexpressed genes and the consistency null")
+  flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (with --ckpt)")
+  flags.DEFINE_integer("block", None, "encoder block to embed from (with --ckpt; default last)")
+  flags.DEFINE_integer("batch_size", 64, "crops per embedding batch (with --ckpt)")
+  flags.DEFINE_list("sources", list(resources.SOURCES), "relationship sources to score")
+  flags.DEFINE_string("annotations_dir", None, "folder with {source}.txt annotation files")
+  flags.DEFINE_enum("aggregation", "mean", ["mean", "median"], "wells -> perturbation")
+  flags.DEFINE_list("perturbation_types", None, "keep only these types in the map (e.g. CRISPR)")
+  flags.DEFINE_integer("min_entities", benchmarks.MIN_ENTITIES, "genes a source needs in the map")
+  flags.DEFINE_string("title", None, "plot title (default: the method)")
+
+
+def _parse(argv):
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"eval.recall: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(flag_values) -> dict:
+  f = flag_values
+  if not f.out:
+    raise ValueError("--out is required")
+  if bool(f.embeddings) == bool(f.ckpt):
+    raise ValueError("give exactly one of --embeddings=FILE or --ckpt=DIR (with --manifest)")
+  options = dict(batch_correction=f.batch_correction, coral=f.coral, batch_key=f.batch_key,
+                 control=f.control, arm_correction=f.arm_correction, expression=f.expression,
+                 sources=tuple(f.sources), annotations_dir=f.annotations_dir,
+                 aggregation=f.aggregation, perturbation_types=f.perturbation_types,
+                 min_entities=f.min_entities, strict_sources=f["sources"].present)
+  if f.expression and f.expression.lower() != "u2os" and not os.path.isfile(f.expression):
+    raise tables.TableError(f"{f.expression}: expression file not found")
+  if f.ckpt:
+    if not f.manifest:
+      raise ValueError("--ckpt needs --manifest=PATH")
+    if f.metadata:
+      raise ValueError("--metadata goes with --embeddings, not --ckpt")
+    from eval.embed import embed_wells  # the encoder stack is only needed here
+    emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
+                            batch_size=f.batch_size)
+    level = "wells"
+  else:
+    emb, meta, level, notes = tables.load_embeddings(f.embeddings, f.metadata)
+    for note in notes:
+      correct.warn(note)
+  if level == "wells":
+    result = score_wells(emb, meta, **options)
+  else:
+    correct.warn("the table has one row per perturbation: no batch correction or aggregation")
+    map_opts = {k: v for k, v in options.items() if k in _MAP_KEYS}
+    labels = meta["perturbation"].astype(str).to_numpy()
+    result = score_map(labels, emb, **map_opts)
+    result.update(batch_correction={"method": "precomputed"}, settings=_settings(
+        {**DEFAULTS, **options}))
+    result["method"] = describe(result)
+  return write_outputs(result, f.out, f.title)
+
+
+def main(argv):
+  from absl import flags
+  if len(argv) > 1:
+    print(f"eval.recall: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    data = run(flags.FLAGS)
+  except (ValueError, OSError, KeyError, resources.ResourceError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"eval.recall: {msg}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(data))
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main, flags_parser=_parse)
