@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import struct
+import threading
 from typing import Any, Mapping, Sequence
 
 import google_crc32c
@@ -30,7 +31,8 @@ class ManifestError(ValueError):
   """A manifest.json that is missing or malformed: one line naming file and field."""
 
 
-def crc32c(data: bytes) -> int:
+def crc32c(data) -> int:
+  """CRC32C of bytes or a contiguous uint8 ndarray (google_crc32c rejects bytearray)."""
   return google_crc32c.value(data)
 
 
@@ -82,57 +84,204 @@ def encode_site(image: np.ndarray, channels: Sequence[str],
       f.bytes_list.value.append(value if isinstance(value, bytes) else value.encode())
     else:
       raise ValueError(f"metadata {key!r}: unsupported type {type(value).__name__}")
-  return example.SerializeToString()
+  # Deterministic: map entries sorted by key, so reruns write identical bytes
+  # (upb otherwise orders them by a per-process hash seed).
+  return example.SerializeToString(deterministic=True)
 
 
-def _parse(payload):
-  try:
-    return _example_cls().FromString(payload)
-  except Exception as e:  # protobuf raises its own DecodeError type.
-    raise ValueError(f"not a tf.train.Example: {e}") from None
+# A small reader of the protobuf wire format of Example. Upb's first access to a
+# large bytes field costs ~3 ms per MB, and reading metadata through upb would
+# read the whole image, so the hot paths walk the bytes themselves.
+
+def _varint(data, pos: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    if pos >= len(data):
+      raise ValueError("truncated varint")
+    byte = data[pos]
+    pos += 1
+    value |= (byte & 0x7f) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
 
 
-def _image_from(feature) -> np.ndarray:
-  try:
-    shape = tuple(feature["shape"].int64_list.value)
-    dtype = np.dtype(feature["dtype"].bytes_list.value[0].decode()).newbyteorder("<")
-    image = np.frombuffer(feature["image"].bytes_list.value[0], dtype).reshape(shape)
-  except (IndexError, ValueError, TypeError) as e:
-    raise ValueError(f"bad image feature: {e}") from None
-  return image.astype(dtype.newbyteorder("="), copy=False)
+def _walk(read, start: int, end: int):
+  """Yields (field number, wire type, value start, value size) of one message.
+
+  `read(pos, n)` returns up to n bytes of the serialized message from pos; a
+  varint value's size is its encoded length.
+  """
+  pos = start
+  while pos < end:
+    head = read(pos, 20)
+    tag, used = _varint(head, 0)
+    field, wire = tag >> 3, tag & 7
+    if wire == 0:
+      size = _varint(head, used)[1] - used
+    elif wire == 2:
+      size, after = _varint(head, used)
+      used = after
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+    else:
+      raise ValueError(f"unsupported wire type {wire}")
+    yield field, wire, pos + used, size
+    pos += used + size
+  if pos != end:
+    raise ValueError("field runs past the end of its message")
+
+
+def _feature_entries(read, length: int):
+  """Yields (key, value start, value size) of each entry of Example.features."""
+  for field, wire, start, size in _walk(read, 0, length):
+    if field != 1 or wire != 2:  # Example.features
+      continue
+    for field2, wire2, entry, entry_size in _walk(read, start, start + size):
+      if field2 != 1 or wire2 != 2:  # Features.feature (map entries)
+        continue
+      key, value = None, (0, 0)
+      for field3, _, pos, n in _walk(read, entry, entry + entry_size):
+        if field3 == 1:
+          key = bytes(read(pos, n)).decode()
+        elif field3 == 2:
+          value = (pos, n)
+      yield key, *value
+
+
+def _list_values(read, start: int, size: int, kind: int):
+  """(start, size, wire type) of each value of a Feature's list `kind`.
+
+  kind: 1 bytes_list, 2 float_list, 3 int64_list.
+  """
+  values = []
+  for field, _, pos, n in _walk(read, start, start + size):
+    if field == kind:
+      values.extend((p, m, w) for f, w, p, m in _walk(read, pos, pos + n) if f == 1)
+  return values
+
+
+def _scalars(read, pos: int, size: int, wire: int, kind: int) -> list:
+  """Decoded values of one list field occurrence (packed or not)."""
+  data = bytes(read(pos, size))
+  if len(data) != size:
+    raise ValueError("truncated feature")
+  if kind == 1:
+    return [data.decode()]
+  if kind == 2:
+    return np.frombuffer(data, "<f4").tolist()
+  values, at = [], 0
+  while at < len(data) if wire == 2 else not values:
+    value, at = _varint(data, at)
+    values.append(value - (1 << 64) if value >= 1 << 63 else value)
+  return values
+
+
+def _feature_first(read, start: int, size: int):
+  """First value of a serialized Feature ("" when empty)."""
+  for kind in (1, 2, 3):
+    for pos, n, wire in _list_values(read, start, size, kind):
+      values = _scalars(read, pos, n, wire, kind)
+      if values:
+        return values[0]
+  return ""
+
+
+_IMAGE_KEYS = (b"image", b"shape", b"dtype")
+
+
+def _image_entries(view) -> dict[bytes, tuple[int, int]]:
+  """{key: (value start, size)} of the image, shape and dtype features.
+
+  The hot path of decode_image: a flat loop over the map entries that reads
+  only each entry's length and short key. Entries laid out otherwise (long key,
+  key after value) fall back to the general walk.
+  """
+  found = {}
+  for field, wire, start, size in _walk(lambda pos, n: view[pos:pos + n], 0, len(view)):
+    if field != 1 or wire != 2:  # Example.features
+      continue
+    pos, end = start, start + size
+    while pos < end:
+      tag = view[pos]
+      entry_size, entry = _varint(view, pos + 1)
+      pos = entry + entry_size
+      if tag != 0x0a:  # Not a map entry: skip (only length-delimited expected).
+        raise ValueError(f"unexpected tag {tag} in Features")
+      key_size = view[entry + 1]
+      if view[entry] != 0x0a or key_size >= 0x80 or view[entry + 2 + key_size] != 0x12:
+        return {k.encode(): (s, n) for k, s, n in
+                _feature_entries(lambda p, n: view[p:p + n], len(view))
+                if k.encode() in _IMAGE_KEYS}
+      key = view[entry + 2:entry + 2 + key_size]
+      if key in _IMAGE_KEYS:
+        value_size, value = _varint(view, entry + 3 + key_size)
+        found[bytes(key)] = (value, value_size)
+  return found
 
 
 def decode_image(payload) -> np.ndarray:
-  """Only the HWC image of a site (read-only view of the decoded bytes)."""
-  return _image_from(_parse(payload).features.feature)
+  """Only the HWC image of a site: a read-only view into `payload`, no copy."""
+  view = memoryview(payload)
+  read = lambda pos, n: view[pos:pos + n]
+  try:
+    found = {k: _list_values(read, start, size, 3 if k == b"shape" else 1)
+             for k, (start, size) in _image_entries(view).items()}
+    shape = [v for pos, n, wire in found[b"shape"] for v in _scalars(read, pos, n, wire, 3)]
+    (pos, n, wire), = found[b"dtype"]
+    dtype = np.dtype(_scalars(read, pos, n, wire, 1)[0]).newbyteorder("<")
+    (pos, n, _), = found[b"image"]
+    image = np.frombuffer(payload, dtype, n // dtype.itemsize, pos).reshape(shape)
+  except (KeyError, ValueError, TypeError, IndexError) as e:
+    raise ValueError(f"bad site record: {type(e).__name__}: {e}") from None
+  return image.astype(dtype.newbyteorder("="), copy=False)
 
 
-def _feature_value(f):
-  kind = f.WhichOneof("kind")
-  if kind is None:
-    return ""
-  values = getattr(f, kind).value
-  if not values:
-    return ""
-  value = values[0]
-  if kind == "bytes_list":
-    return value.decode()
-  return value
+def decode_metadata(payload) -> dict:
+  """Metadata of a site; int64 features come back as int (bools as 0/1)."""
+  view = memoryview(payload)
+  return metadata_from_reader(lambda pos, n: view[pos:pos + n], len(view))
 
 
 def decode_site(payload) -> dict:
   """{"image": HWC ndarray, "channels": [...], "metadata": {key: value}}."""
-  feature = _parse(payload).features.feature
-  return {"image": _image_from(feature),
-          "channels": [c.decode() for c in feature["channels"].bytes_list.value],
-          "metadata": decode_metadata(payload, feature)}
+  view = memoryview(payload)
+  read = lambda pos, n: view[pos:pos + n]
+  channels = []
+  for key, start, size in _feature_entries(read, len(view)):
+    if key == "channels":
+      channels = [bytes(view[p:p + n]).decode() for p, n, _ in
+                  _list_values(read, start, size, 1)]
+  return {"image": decode_image(payload), "channels": channels,
+          "metadata": decode_metadata(payload)}
 
 
-def decode_metadata(payload, feature=None) -> dict:
-  """Metadata of a site; int64 features come back as int (bools as 0/1)."""
-  feature = _parse(payload).features.feature if feature is None else feature
-  return {k[5:]: _feature_value(v) for k, v in sorted(feature.items())
-          if k.startswith("meta/")}
+def metadata_from_reader(read, length: int) -> dict:
+  """Metadata ("meta/*" features) of a serialized Example, skipping the image.
+
+  `read(pos, n)` returns up to n payload bytes from pos; only the small
+  metadata entries are read in full, so a 50 MB site costs a few kB of I/O.
+  """
+  metadata = {}
+  for key, start, size in _feature_entries(read, length):
+    if key and key.startswith("meta/"):
+      metadata[key[5:]] = _feature_first(read, start, size)
+  return dict(sorted(metadata.items()))
+
+
+class _WindowReader:
+  """read(pos, n) over one record payload, served from cached pread windows."""
+
+  def __init__(self, fd: int, offset: int, length: int, window: int = 1 << 16):
+    self._fd, self._offset, self._length, self._window = fd, offset, length, window
+    self._start, self._data = 0, b""
+
+  def __call__(self, pos: int, n: int):
+    n = min(n, self._length - pos)
+    if not self._start <= pos <= pos + n <= self._start + len(self._data):
+      size = min(max(n, self._window), self._length - pos)
+      self._start, self._data = pos, os.pread(self._fd, size, self._offset + pos)
+    return memoryview(self._data)[pos - self._start:pos - self._start + n]
 
 
 def _atomic_write(path: str, write_fn) -> None:
@@ -281,7 +430,12 @@ def scan_index(path: str, skip_corrupt: bool = False) -> tuple[np.ndarray, int]:
 
 
 def load_index(path: str) -> np.ndarray | None:
-  """The `.idx` sidecar if it exists and exactly covers the shard, else None."""
+  """The `.idx` sidecar if it is a consistent chain of records, else None.
+
+  A sidecar that ends before the shard does (short, stale) is rejected. One
+  that runs past the end is kept: the shard itself was truncated, and the
+  records it lost are reported by offset when read.
+  """
   try:
     index = np.load(path + ".idx", allow_pickle=False)
   except (OSError, ValueError, EOFError):
@@ -292,7 +446,7 @@ def load_index(path: str) -> np.ndarray | None:
   ends = index[:, 0] + index[:, 1] + _FOOTER
   starts = np.concatenate([[0], ends[:-1]])
   if (np.any(index[:, 0] != starts + _HEADER) or np.any(index[:, 1] < 0) or
-      (ends[-1] if len(ends) else 0) != os.path.getsize(path)):
+      (ends[-1] if len(ends) else 0) < os.path.getsize(path)):
     return None
   return index
 
@@ -322,6 +476,12 @@ class IndexedTFRecordSource:
         index, corrupt = scan_index(path, skip_corrupt)
         self.num_corrupt += corrupt
         self.scanned.append(path)
+      elif not skip_corrupt:  # Fail at start-up on a truncated shard.
+        size = os.path.getsize(path)
+        lost = index[:, 0] + index[:, 1] + _FOOTER > size
+        if lost.any():
+          first = index[np.argmax(lost)]
+          self._truncated(path, int(first[0]) - _HEADER, int(first[1]), size)
       indexes.append(index)
     self.counts = np.asarray([len(i) for i in indexes], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(self.counts)])
@@ -346,8 +506,11 @@ class IndexedTFRecordSource:
 
   def _fd(self, path: str) -> int:
     fd = self._fds.get(path)
-    if fd is None:
-      fd = self._fds[path] = os.open(path, os.O_RDONLY)
+    if fd is None:  # Threads may race here: keep the first fd, close the other.
+      fd = os.open(path, os.O_RDONLY)
+      if self._fds.setdefault(path, fd) != fd:
+        os.close(fd)
+        fd = self._fds[path]
     return fd
 
   def __getitem__(self, index: int) -> bytes | None:
@@ -360,32 +523,73 @@ class IndexedTFRecordSource:
       self.num_corrupt += 1
       return None
 
+  def read_view(self, index: int) -> np.ndarray | None:
+    """Like source[index], as a uint8 view into a per-thread reusable buffer.
+
+    Valid until this thread's next read_view. The hot path uses it: a fresh
+    multi-MB buffer per record costs more in page faults than the read itself.
+    """
+    path, offset, length = self.locate(index)
+    local = self.__dict__.setdefault("_local", threading.local())
+    buffer = getattr(local, "buffer", None)
+    if buffer is None or len(buffer) < length + _HEADER + _FOOTER:
+      buffer = local.buffer = np.empty(int((length + _HEADER + _FOOTER) * 1.25), np.uint8)
+    record = buffer[:length + _HEADER + _FOOTER]
+    start = offset - _HEADER
+    try:
+      got = os.preadv(self._fd(path), [record], start)
+      if got != len(record):
+        self._truncated(path, start, length)
+      if self.verify_crc:
+        self._check(path, start, record[:_HEADER], record[_HEADER:-_FOOTER],
+                    record[-_FOOTER:])
+    except RecordError:
+      if not self.skip_corrupt:
+        raise
+      self.num_corrupt += 1
+      return None
+    return record[_HEADER:-_FOOTER]
+
+  def _truncated(self, path: str, start: int, length: int, size: int | None = None):
+    size = os.fstat(self._fd(path)).st_size if size is None else size
+    raise RecordError(f"{path}: byte offset {start}: truncated record (file ends at "
+                      f"byte {size}, record needs {_HEADER + length + _FOOTER} bytes)")
+
   def _read(self, path: str, offset: int, length: int) -> bytes:
     fd = self._fd(path)
+    start = offset - _HEADER
     if not self.verify_crc:
       payload = os.pread(fd, length, offset)
       if len(payload) != length:
-        raise RecordError(f"{path}: byte offset {offset - _HEADER}: truncated record "
-                          f"(file ends at byte {os.fstat(fd).st_size})")
+        self._truncated(path, start, length)
       return payload
-    # Three preads instead of one: google_crc32c only takes bytes, and slicing one
-    # buffer would copy the payload.
-    start = offset - _HEADER
+    # Three preads instead of one: slicing one buffer would copy the payload.
     header = os.pread(fd, _HEADER, start)
     payload = os.pread(fd, length, offset)
     footer = os.pread(fd, _FOOTER, offset + length)
-    got = len(header) + len(payload) + len(footer)
-    if got != _HEADER + length + _FOOTER:
-      raise RecordError(f"{path}: byte offset {start}: truncated record (file ends at "
-                        f"byte {os.fstat(fd).st_size}, record needs "
-                        f"{_HEADER + length + _FOOTER} bytes)")
-    if struct.unpack("<Q", header[:8])[0] != length:
-      raise RecordError(f"{path}: byte offset {start}: length field disagrees with index")
-    if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+    if len(header) + len(payload) + len(footer) != _HEADER + length + _FOOTER:
+      self._truncated(path, start, length)
+    self._check(path, start, header, payload, footer)
+    return payload
+
+  @staticmethod
+  def _check(path: str, start: int, header, payload, footer) -> None:
+    length, length_crc = struct.unpack("<QI", header)
+    if length != len(payload):
+      raise RecordError(f"{path}: byte offset {start}: length field {length} disagrees "
+                        f"with the index ({len(payload)})")
+    if length_crc != masked_crc32c(header[:8]):
       raise RecordError(f"{path}: byte offset {start}: length crc mismatch")
     if struct.unpack("<I", footer)[0] != masked_crc32c(payload):
       raise RecordError(f"{path}: byte offset {start}: payload crc mismatch")
-    return payload
+
+  def metadata(self, index: int) -> dict:
+    """Metadata of record `index`, reading only its small features (no CRC check)."""
+    path, offset, length = self.locate(index)
+    try:
+      return metadata_from_reader(_WindowReader(self._fd(path), offset, length), length)
+    except (ValueError, IndexError) as e:
+      raise RecordError(f"{path}: byte offset {offset - _HEADER}: bad record: {e}") from None
 
   def close(self) -> None:
     for fd in self._fds.values():
@@ -401,4 +605,5 @@ class IndexedTFRecordSource:
   def __getstate__(self):
     state = self.__dict__.copy()
     state["_fds"] = {}
+    state.pop("_local", None)
     return state

@@ -106,6 +106,10 @@ def test_encode_decode_roundtrip(dtype):
                               "concentration": "", "dose": 0.25, "smiles": ""}
   # Raw bytes are little-endian whatever the host: find them in the payload.
   assert image.astype("<" + np.dtype(dtype).str[1:]).tobytes() in payload
+  # Map entries are written sorted by key, so equal input gives equal bytes.
+  keys = [b"channels", b"dtype", b"image", b"meta/concentration", b"meta/well_id", b"shape"]
+  positions = [payload.index(b"\n" + bytes([len(k)]) + k) for k in keys]
+  assert positions == sorted(positions)
   np.testing.assert_array_equal(records.decode_image(payload), image)
 
 
@@ -171,7 +175,9 @@ def test_flipped_byte_raises_or_is_skipped(tmp_path):
   assert str(e.value) == f"{path}: byte offset {start}: payload crc mismatch"
   skipping = records.IndexedTFRecordSource([path], skip_corrupt=True)
   assert [skipping[i] is None for i in range(3)] == [False, True, False]
-  assert skipping.num_corrupt == 1
+  assert skipping.read_view(1) is None and skipping.num_corrupt == 2
+  with pytest.raises(records.RecordError, match=f"byte offset {start}: payload crc"):
+    src.read_view(1)
   # Without CRC checks the flipped byte goes unnoticed (only framing is checked).
   assert records.IndexedTFRecordSource([path], verify_crc=False)[1] is not None
 
@@ -182,17 +188,33 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path):
   index = np.load(path + ".idx")
   os.truncate(path, os.path.getsize(path) - 9)
   last = int(index[2, 0]) - 12
-  # The stale sidecar no longer covers the file: the header scan finds the cut.
-  with pytest.raises(records.RecordError, match=f"^{path}: byte offset {last}: truncated record"):
+  expected = f"^{path}: byte offset {last}: truncated record"
+  # The sidecar promises more than the file holds: found at start-up ...
+  with pytest.raises(records.RecordError, match=expected):
     records.IndexedTFRecordSource([path])
+  # ... or, skipping, counted when the lost record is read.
   skipping = records.IndexedTFRecordSource([path], skip_corrupt=True)
-  assert len(skipping) == 2 and skipping.num_corrupt == 1
-  # Reading through an index that promises more than the file holds.
-  src = records.IndexedTFRecordSource.__new__(records.IndexedTFRecordSource)
-  src.__dict__.update(skipping.__dict__, _index=index, _starts=np.array([0, 3]),
-                      skip_corrupt=False, _fds={})
-  with pytest.raises(records.RecordError, match=f"byte offset {last}: truncated record"):
-    src[2]
+  assert len(skipping) == 3
+  assert [skipping.read_view(i) is None for i in range(3)] == [False, False, True]
+  assert skipping[2] is None and skipping.num_corrupt == 2
+  # Without a sidecar the header scan finds the cut.
+  os.remove(path + ".idx")
+  with pytest.raises(records.RecordError, match=expected):
+    records.IndexedTFRecordSource([path])
+  scanned = records.IndexedTFRecordSource([path], skip_corrupt=True)
+  assert len(scanned) == 2 and scanned.num_corrupt == 1
+
+
+def test_read_view_matches_getitem_and_reuses_buffer(tmp_path):
+  path = str(tmp_path / "s.tfrecord")
+  _write_shard(path, 3)
+  src = records.IndexedTFRecordSource([path])
+  first = src.read_view(0)
+  assert first.dtype == np.uint8 and first.tobytes() == src[0]
+  second = src.read_view(1)
+  assert second.tobytes() == src[1]
+  assert np.shares_memory(first, second)  # One buffer per thread, reused.
+  np.testing.assert_array_equal(records.decode_image(second), _site(1))
 
 
 def test_manifest_roundtrip_and_validation(tmp_path):
