@@ -1,0 +1,390 @@
+r"""Turns a screen on disk into TFRecord shards + .idx indexes + manifest.json.
+
+  python -m data_prep.convert --layout=rxrx1 --root=/data/rxrx1 --out=/data/rxrx1_tfr
+  python -m data_prep.convert --layout=rxrx3 --root=synth/ --out=synth_tfr --image_size=512
+
+Layouts (method.md §7):
+  rxrx1       metadata.csv + images/{experiment}/Plate{plate}/{well}_s{site}_w{1..6}.png, 512² 8-bit
+  rxrx3       metadata.csv + images/{experiment_name}/Plate{plate}/{address}_s1_w{1..6}.png,
+              2048² 16-bit
+  rxrx3_core  *.parquet under --root (rows: __key__, jp2 struct<bytes, path>), 512² 8-bit JPEG-2000,
+              joined to metadata_rxrx3_core.csv when present
+  manifest    a CSV (--root is the CSV or a folder holding sites.csv), one row per site; channel
+              columns are --channel_columns, else every column named ch<N> or w<N> (any case), in
+              CSV order; paths relative to the CSV; TIFF/PNG, 8/16-bit; the other columns become
+              metadata (experiment, plate, well|address, site, perturbation|treatment, gene,
+              well_id, perturbation_type, is_control, cell_type, concentration, smiles|SMILES feed
+              the standard keys; without is_control, labels ending in "_control" are controls)
+
+Output: OUT/shards/{experiment}_P{plate}-{k:05d}.tfrecord (+ .idx, + .stats.json), sites sorted by
+experiment, plate, well, site; OUT/manifest.json is written last. A shard is finished when its
+.tfrecord, .idx and .stats.json (which records what went in) exist and match the plan, so
+rerunning an interrupted command converts only the rest and gives byte-identical output.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import tqdm
+
+from data_prep import layouts
+from data_prep.layouts import common
+from data_prep.layouts.common import ConvertError, Site
+from mae_jax import records
+
+STATS_SUFFIX = ".stats.json"
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass
+class Task:
+  path: str                # shard path relative to --out
+  sites: list[Site]
+  digest: str = ""         # of everything that goes into the shard; stored in its .stats.json
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _safe(text: str) -> str:
+  """File-name-safe and injective: other characters become +<hex>+."""
+  return re.sub(r"[^A-Za-z0-9._-]", lambda m: f"+{ord(m.group()):x}+", text) or "none"
+
+
+def plan(sites: list[Site], sites_per_shard: int, expect: dict) -> list[Task]:
+  """Shards per (experiment, plate), in site order; names are stable across reruns."""
+  groups = {}
+  for s in sites:
+    groups.setdefault((s.experiment, s.plate), []).append(s)
+  tasks, owners = [], {}
+  for (exp, plate), members in groups.items():
+    name = f"{_safe(exp)}_P{_safe(plate)}"
+    if owners.setdefault(name, (exp, plate)) != (exp, plate):
+      raise ConvertError(f"experiment/plate {owners[name]} and {(exp, plate)} both map to shard "
+                         f"name {name}; rename one of them")
+    for k in range(math.ceil(len(members) / sites_per_shard)):
+      chunk = members[k * sites_per_shard:(k + 1) * sites_per_shard]
+      tasks.append(Task(f"shards/{name}-{k:05d}.tfrecord", chunk))
+  for t in tasks:
+    blob = json.dumps([PLAN_VERSION, t.path, expect, [
+        (s.key, s.channels, [common.describe(x) for x in s.sources], s.metadata)
+        for s in t.sites]], sort_keys=True, default=str)
+    t.digest = hashlib.sha256(blob.encode()).hexdigest()
+  return tasks
+
+
+def probe(layout: str, site: Site, image_size: int) -> dict:
+  """Size and bit depth every site must have, from the flags and the first site."""
+  image = next(layouts.iter_images([site]))[1]
+  h, w, c = image.shape
+  where = f"site {site.key} ({common.describe(site.sources[0])})"
+  if image_size and (h, w) != (image_size, image_size):
+    raise ConvertError(f"{where}: {h}x{w}, expected {image_size}x{image_size} "
+                       f"(--image_size={image_size}; 0 accepts any multiple of 256)")
+  if not image_size and (h % 256 or w % 256):
+    raise ConvertError(f"{where}: {h}x{w} is not a multiple of 256 (--image_size=0)")
+  real_dtype = layouts.REAL_DTYPE[layout]
+  if image_size == layouts.REAL_SIZE[layout] and real_dtype and image.dtype.name != real_dtype:
+    raise ConvertError(f"{where}: {image.dtype}, but real {layout} sites of {h}x{w} are "
+                       f"{real_dtype}")
+  return {"shape": [h, w, c], "dtype": image.dtype.name, "channels": list(site.channels),
+          "ref": site.key, "ref_source": common.describe(site.sources[0])}
+
+
+# ---------------------------------------------------------------- one shard (runs in a worker)
+
+
+def _check(site: Site, image: np.ndarray, expect: dict):
+  if list(image.shape) != expect["shape"] or image.dtype.name != expect["dtype"]:
+    got = f"{'x'.join(map(str, image.shape))} {image.dtype}"
+    want = f"{'x'.join(map(str, expect['shape']))} {expect['dtype']}"
+    raise ConvertError(f"site {site.key} ({common.describe(site.sources[0])}) is {got} but site "
+                       f"{expect['ref']} ({expect['ref_source']}) is {want}; all sites must match")
+
+
+def _channel_stats(hist: np.ndarray) -> dict:
+  """Exact integer sums from per-channel histograms (so reruns give identical floats)."""
+  out = {"pixels": int(hist[0].sum()), "sum": [], "sumsq": [], "min": [], "max": []}
+  for h in hist:
+    nz = np.flatnonzero(h)
+    counts = [int(n) for n in h[nz]]
+    values = [int(v) for v in nz]
+    out["sum"].append(sum(n * v for n, v in zip(counts, values)))
+    out["sumsq"].append(sum(n * v * v for n, v in zip(counts, values)))
+    out["min"].append(values[0] if values else 0)
+    out["max"].append(values[-1] if values else 0)
+  return out
+
+
+def _write_json(path: str, obj):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_shard(task: Task, out: str, expect: dict, on_site=None) -> dict:
+  path = os.path.join(out, task.path)
+  bins = 1 << (8 * np.dtype(expect["dtype"]).itemsize)
+  hist = np.zeros((expect["shape"][2], bins), np.int64)
+  with records.ShardWriter(path) as writer:
+    for site, planes in layouts.iter_planes(task.sites):
+      image = common.stack_site(site, planes)
+      _check(site, image, expect)
+      for c, plane in enumerate(planes):
+        hist[c] += np.bincount(plane.ravel(), minlength=bins)
+      writer.write(image, site.channels, site.metadata)
+      if on_site:
+        on_site()
+    stats = {"digest": task.digest, "records": writer.count, **_channel_stats(hist)}
+    # Written before the writer renames the shard: a finished shard always has its stats.
+    _write_json(path + STATS_SUFFIX, stats)
+  return stats
+
+
+def finished(task: Task, out: str) -> dict | None:
+  path = os.path.join(out, task.path)
+  if not (os.path.isfile(path) and os.path.isfile(path + ".idx")):
+    return None
+  try:
+    with open(path + STATS_SUFFIX) as f:
+      stats = json.load(f)
+  except (OSError, ValueError):
+    return None
+  ok = stats.get("digest") == task.digest and stats.get("records") == len(task.sites)
+  return stats if ok else None
+
+
+_counter = None
+_writing = False
+
+
+def _on_sigterm(*_):
+  # Pool.terminate() (after another worker failed) sends SIGTERM: unwinding through Python lets
+  # ShardWriter remove its .tmp; an idle worker just leaves.
+  if _writing:
+    sys.exit(1)
+  os._exit(0)  # pylint: disable=protected-access
+
+
+def _init_worker(counter):
+  global _counter
+  _counter = counter
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _count_site():
+  with _counter.get_lock():
+    _counter.value += 1
+
+
+def _pool_task(task, out, expect):
+  global _writing
+  _writing = True
+  try:
+    return write_shard(task, out, expect, _count_site)
+  finally:
+    _writing = False
+
+
+# ---------------------------------------------------------------- the whole conversion
+
+
+def _run(tasks, out, expect, workers, bar) -> list[dict]:
+  if workers <= 1 or len(tasks) <= 1:
+    return [write_shard(t, out, expect, lambda: bar.update(1)) for t in tasks]
+  ctx = multiprocessing.get_context("spawn")  # fork after pyarrow has threads is unsafe
+  counter = ctx.Value("q", 0)
+  start = bar.n
+  with ctx.Pool(min(workers, len(tasks)), _init_worker, (counter,)) as pool:
+    pending = {i: pool.apply_async(_pool_task, (t, out, expect)) for i, t in enumerate(tasks)}
+    results = {}
+    while pending:
+      next(iter(pending.values())).wait(0.2)
+      for i in [i for i, r in pending.items() if r.ready()]:
+        results[i] = pending.pop(i).get()  # re-raises a worker's error here, at once
+      bar.update(start + counter.value - bar.n)
+    pool.close()  # let idle workers exit on their own; terminate() is for the error path
+    pool.join()
+  return [results[i] for i in range(len(tasks))]
+
+
+def _manifest(layout, root, sites, tasks, stats, expect, flags) -> dict:
+  n = sum(s["pixels"] for s in stats)
+  channels = len(expect["channels"])
+  total = [sum(s["sum"][c] for s in stats) for c in range(channels)]
+  total_sq = [sum(s["sumsq"][c] for s in stats) for c in range(channels)]
+  types = {}
+  for s in sites:
+    t = s.metadata["perturbation_type"]
+    types[t] = types.get(t, 0) + 1
+  return {
+      "layout": layout,
+      "shards": [{"path": t.path, "records": s["records"]} for t, s in zip(tasks, stats)],
+      "num_records": sum(s["records"] for s in stats),
+      "image_shape": expect["shape"],
+      "channels": expect["channels"],
+      "dtype": expect["dtype"],
+      "channel_stats": {
+          "mean": [t / n for t in total],
+          "std": [math.sqrt((n * q - t * t) / (n * n)) for t, q in zip(total, total_sq)],
+          "min": [min(s["min"][c] for s in stats) for c in range(channels)],
+          "max": [max(s["max"][c] for s in stats) for c in range(channels)],
+          "pixels_per_channel": n,
+      },
+      "num_wells": len({s.metadata["well_id"] for s in sites}),
+      "experiments": sorted({s.experiment for s in sites}, key=common.natural_key),
+      "source_root": os.path.abspath(root),
+      "counts": {
+          "sites": len(sites),
+          "wells": len({s.metadata["well_id"] for s in sites}),
+          "plates": len({(s.experiment, s.plate) for s in sites}),
+          "experiments": len({s.experiment for s in sites}),
+          "controls": sum(bool(s.metadata["is_control"]) for s in sites),
+          "perturbations": len({s.metadata["perturbation"] for s in sites} - {""}),
+          "perturbation_types": dict(sorted(types.items())),
+      },
+      "convert_flags": flags,
+  }
+
+
+def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard: int = 256,
+            image_size: int | None = None, limit: int = 0, metadata: str | None = None,
+            channel_columns=None, skip_missing_plates: bool = False,
+            progress: str = "auto") -> dict:
+  """Converts (or finishes converting) a screen; returns the summary printed by the CLI.
+
+  With workers > 1 it starts `spawn` processes, so a calling script needs the usual
+  `if __name__ == "__main__":` guard.
+  """
+  t0 = time.time()
+  if not os.path.exists(root):
+    raise ConvertError(f"--root {root}: no such file or folder")
+  if image_size is None:
+    image_size = layouts.REAL_SIZE[layout] or 0
+  sites = layouts.list_sites(layout, root, metadata, channel_columns, skip_missing_plates)
+  if limit:
+    sites = sites[:limit]
+  if not sites:
+    raise ConvertError(f"{root}: no sites found for layout {layout}")
+  expect = probe(layout, sites[0], image_size)
+  tasks = plan(sites, sites_per_shard, expect)
+
+  os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+  stats = [finished(t, out) for t in tasks]
+  todo = [i for i, s in enumerate(stats) if s is None]
+  for i in todo:  # leftovers of a killed run; ShardWriter would overwrite most of them anyway
+    folder, base = os.path.split(os.path.join(out, tasks[i].path))
+    for f in os.listdir(folder):
+      if f.startswith(base + ".") and ".tmp" in f:
+        os.remove(os.path.join(folder, f))
+  done_sites = sum(len(t.sites) for t, s in zip(tasks, stats) if s)
+  bar = tqdm.tqdm(total=len(sites), initial=done_sites, unit="site", file=sys.stderr,
+                  disable={"auto": None, "on": False, "off": True}[progress], smoothing=0.1)
+  try:
+    new = _run([tasks[i] for i in todo], out, expect, workers, bar)
+  finally:
+    bar.close()
+  for i, s in zip(todo, new):
+    stats[i] = s
+  flags = {"image_size": image_size, "sites_per_shard": sites_per_shard, "limit": limit}
+  path = records.write_manifest(out, _manifest(layout, root, sites, tasks, stats, expect, flags))
+  seconds = time.time() - t0
+  written = len(sites) - done_sites
+  return {"manifest": path, "layout": layout, "num_records": len(sites),
+          "num_wells": len({s.metadata["well_id"] for s in sites}), "shards": len(tasks),
+          "shards_written": len(todo), "shards_skipped": len(tasks) - len(todo),
+          "image_shape": expect["shape"], "dtype": expect["dtype"],
+          "seconds": round(seconds, 3), "sites_per_s": round(written / max(seconds, 1e-9), 2)}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line, no usage dump
+    print(f"convert: error: {message} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _nonneg(text):
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value} is negative")
+  return value
+
+
+def _positive(text):
+  value = _nonneg(text)
+  if value == 0:
+    raise argparse.ArgumentTypeError("must be at least 1")
+  return value
+
+
+def main(argv=None) -> int:
+  p = _Parser(prog="python -m data_prep.convert", description=__doc__,
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--layout", required=True, choices=layouts.LAYOUTS)
+  p.add_argument("--root", required=True, help="the screen's folder (manifest: the CSV or folder)")
+  p.add_argument("--out", required=True, help="output folder (shards/ and manifest.json)")
+  p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                 help="parallel processes, one shard each (default: all cores)")
+  p.add_argument("--sites_per_shard", type=_positive, default=256)
+  p.add_argument("--image_size", type=_nonneg, default=None,
+                 help="expected square site size; default the layout's real size (rxrx1 512, "
+                      "rxrx3 2048, rxrx3_core 512; manifest 0). 0 accepts any height and width "
+                      "that are multiples of 256. At the real size the real bit depth is checked "
+                      "too (rxrx1/rxrx3_core 8-bit, rxrx3 16-bit); otherwise all sites must "
+                      "simply agree")
+  p.add_argument("--limit", type=_nonneg, default=0, help="convert only the first N sites")
+  p.add_argument("--metadata", default=None,
+                 help="metadata CSV instead of ROOT/metadata.csv (rxrx1, rxrx3) or "
+                      "ROOT/metadata_rxrx3_core.csv (rxrx3_core)")
+  p.add_argument("--channel_columns", default=None,
+                 help="manifest layout: comma-separated channel-path columns, in channel order")
+  p.add_argument("--skip_missing_plates", action="store_true",
+                 help="rxrx1/rxrx3: drop metadata rows whose plate folder is absent (partial "
+                      "downloads) instead of failing")
+  p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                 help="tqdm bar on stderr (auto: when stderr is a terminal)")
+  args = p.parse_args(argv)
+  cols = [c.strip() for c in args.channel_columns.split(",")] if args.channel_columns else None
+  if cols is not None and args.layout != "manifest":
+    p.error("--channel_columns applies to --layout=manifest only")
+  if args.metadata and args.layout == "manifest":
+    p.error("--metadata does not apply to --layout=manifest (its CSV is --root)")
+  try:
+    summary = convert(args.layout, args.root, args.out, args.workers, args.sites_per_shard,
+                      args.image_size, args.limit, args.metadata, cols,
+                      args.skip_missing_plates, args.progress)
+  except (ConvertError, records.RecordError, records.ManifestError) as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"convert: error: {where}{e.strerror or e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("convert: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  # Run through the package module so that pickled tasks name data_prep.convert, not __main__.
+  from data_prep import convert as _convert  # pylint: disable=g-import-not-at-top
+  sys.exit(_convert.main())
