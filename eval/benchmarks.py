@@ -15,6 +15,7 @@ from those same tiles and the reference (`reference_recall` / `null_from_tiles`)
 from them too, so both sides compare bit-identical float32 values.
 """
 import functools
+import itertools
 from typing import Mapping, Sequence
 
 import jax
@@ -55,8 +56,8 @@ def normalize_rows(embeddings) -> np.ndarray:
     raise ValueError(f"embeddings must be 2-D (N, D), got shape {x.shape}")
   if not np.all(np.isfinite(x)):
     raise ValueError("embeddings contain NaN or inf")
-  norm = np.sqrt(np.einsum("nd,nd->n", x.astype(np.float64), x.astype(np.float64)))
-  return (x / np.where(norm > 0, norm, 1.0)[:, None]).astype(np.float32)
+  norm = np.sqrt(np.einsum("nd,nd->n", x, x))
+  return x / np.where(norm > 0, norm, np.float32(1))[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "cols"))
@@ -72,6 +73,11 @@ def similarity_tile(xn, i0, j0, n, edges, rows, cols):
   i = i0 + jnp.arange(rows)[:, None]
   j = j0 + jnp.arange(cols)[None, :]
   return s, jnp.where((j > i) & (j < n), code, jnp.uint8(254))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample_rows(xn, rows, n):
+  return jnp.dot(xn[rows], xn[:n].T, precision=jax.lax.Precision.HIGHEST)
 
 
 class SimilarityTiles:
@@ -91,14 +97,26 @@ class SimilarityTiles:
   def null_size(self) -> int:
     return self.n * (self.n - 1) // 2
 
-  def tile(self, w: int, edges=None):
-    """(s, code) of window w as numpy arrays."""
+  def dispatch(self, w: int, edges=None):
+    """Starts computing window w (asynchronously); returns device arrays (s, code)."""
     e = np.full(EDGES, np.inf, np.float32)
     if edges is not None:
       e[:len(edges)] = edges
     i0, j0 = self.windows[w]
-    s, code = similarity_tile(self.xn, i0, j0, self.n, e, rows=self.rows, cols=self.cols)
+    return similarity_tile(self.xn, i0, j0, self.n, e, rows=self.rows, cols=self.cols)
+
+  def tile(self, w: int, edges=None):
+    """(s, code) of window w as numpy arrays."""
+    s, code = self.dispatch(w, edges)
     return np.asarray(s), np.asarray(code)
+
+  def stream(self, edges=None):
+    """Yields (w, s, code) for every window, computing the next one while the caller works."""
+    pending = self.dispatch(0, edges)
+    for w in range(len(self.windows)):
+      nxt = self.dispatch(w + 1, edges) if w + 1 < len(self.windows) else None
+      yield w, np.asarray(pending[0]), np.asarray(pending[1])
+      pending = nxt
 
   def locate(self, i, j):
     """(window, local row, local col) of entries (i, j), i < j."""
@@ -112,14 +130,14 @@ class SimilarityTiles:
 
   def sample_rows(self, rows):
     """Cosines of a few rows against all others (only for choosing brackets)."""
-    return np.asarray(self.xn[rows] @ self.xn[:self.n].T)
+    return np.asarray(_sample_rows(self.xn, jnp.asarray(rows), self.n))
 
 
 def null_from_tiles(tiles: SimilarityTiles):
   """The full upper-triangle null as the reference sees it, assembled from the same tiles."""
   full = np.zeros((tiles.n, tiles.n + tiles.cols), np.float32)
-  for w, (i0, j0) in enumerate(tiles.windows):
-    s, _ = tiles.tile(w)
+  for w, s, _ in tiles.stream():
+    i0, j0 = tiles.windows[w]
     full[i0:i0 + tiles.rows, j0:j0 + tiles.cols] = s[:tiles.n - i0]
   full = full[:, :tiles.n]
   return full[np.triu_indices(tiles.n, 1)], full
@@ -184,9 +202,9 @@ def _brackets(tiles: SimilarityTiles, ranks, sample_rows=256, groups=8, width=10
   keep = np.ones(s.shape, bool)
   keep[np.arange(len(rows)), rows] = False  # self-pairs are not in the null
   p = (np.asarray(ranks, np.float64) + 0.5) / m
-  pooled = np.quantile(s[keep], p)
+  pooled = _quantiles(s[keep], p)
   g = min(groups, len(rows))
-  per_group = np.stack([np.quantile(v[k], p) for v, k in
+  per_group = np.stack([_quantiles(v[k], p) for v, k in
                         zip(np.array_split(s, g), np.array_split(keep, g))])
   se = per_group.std(axis=0, ddof=1) / np.sqrt(g) if g > 1 else np.abs(pooled)
   half = width * se + 1e-6
@@ -203,14 +221,19 @@ def _brackets(tiles: SimilarityTiles, ranks, sample_rows=256, groups=8, width=10
   return np.array(merged, np.float32).ravel()
 
 
+def _quantiles(v, p):
+  """Nearest-rank quantiles of a float32 sample, by one partition (no float64 copy)."""
+  k = np.clip(np.round(p * (len(v) - 1)).astype(np.int64), 0, len(v) - 1)
+  return np.partition(v, k)[k].astype(np.float64)
+
+
 def _stream(tiles, ranks, query_tiles, n_queries, edges, cap):
   """One pass over all tiles: query values, counts per code, values inside the brackets."""
   qvals = np.empty(n_queries, np.float32)
   counts = np.zeros(EDGES + 1, np.int64)
   inside, extracted = [], 0
   even = range(0, len(edges) + 1, 2)
-  for w in range(len(tiles.windows)):
-    s, code = tiles.tile(w, edges)
+  for w, s, code in tiles.stream(edges):
     if w in query_tiles:
       li, lj, pos = query_tiles[w]
       qvals[pos] = s[li, lj]
@@ -240,19 +263,18 @@ def _stream(tiles, ranks, query_tiles, n_queries, edges, cap):
 
 def _radix_select(tiles: SimilarityTiles, ranks):
   """Exact null_sorted[r] by a two-pass 16+16-bit radix select over float keys (the fallback)."""
-  def keys(w):
-    s, code = tiles.tile(w)
-    bits = s.view(np.uint32)
-    key = bits ^ np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    return key[code != 254]
+  def keys():
+    for _, s, code in tiles.stream():
+      bits = s.view(np.uint32)
+      key = bits ^ np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+      yield key[code != 254]
   hist = np.zeros(1 << 16, np.int64)
-  for w in range(len(tiles.windows)):
-    hist += np.bincount(keys(w) >> 16, minlength=1 << 16)
+  for k in keys():
+    hist += np.bincount(k >> 16, minlength=1 << 16)
   cum = np.cumsum(hist)
   bins = {r: int(np.searchsorted(cum, r, side="right")) for r in ranks}
   low = {b: np.zeros(1 << 16, np.int64) for b in set(bins.values())}
-  for w in range(len(tiles.windows)):
-    k = keys(w)
+  for k in keys():
     for b in low:
       low[b] += np.bincount(k[(k >> 16) == b] & 0xFFFF, minlength=1 << 16)
   out = {}
@@ -294,11 +316,18 @@ def filter_pairs(pairs, index: Mapping[str, int]):
 
   Labels are unique, so deduplicating index pairs is deduplicating name pairs. Returns (i, j)
   int64 arrays with i < j (rows of the map), sorted."""
-  get = index.get
-  ij = np.array([(get(str(a), -1), get(str(b), -1)) for a, b in pairs], np.int64).reshape(-1, 2)
+  pairs = list(pairs)
+  if not pairs:
+    return np.empty(0, np.int64), np.empty(0, np.int64)
+  cols = []
+  for names in zip(*pairs):
+    names = names if all(type(v) is str for v in names) else [str(v) for v in names]
+    cols.append(np.fromiter(map(index.get, names, itertools.repeat(-1)), np.int64, len(names)))
+  ij = np.stack(cols[:2], axis=1)
   ij = ij[(ij >= 0).all(axis=1) & (ij[:, 0] != ij[:, 1])]
-  ij = np.unique(np.sort(ij, axis=1), axis=0)
-  return ij[:, 0], ij[:, 1]
+  n = max(len(index), 1)
+  key = np.unique(ij.min(axis=1) * n + ij.max(axis=1))
+  return key // n, key % n
 
 
 def check_labels(labels) -> dict:
