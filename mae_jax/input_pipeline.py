@@ -16,7 +16,6 @@ from typing import Iterator
 
 from absl import flags
 import grain
-from grain import python as grain_python
 import numpy as np
 
 from mae_jax import records
@@ -124,27 +123,23 @@ def crop_site(image: np.ndarray, draw, size: int) -> np.ndarray:
   return crop[:, ::-1] if k >= 4 else crop
 
 
+@dataclasses.dataclass(frozen=True)
 class CropBatch:
   """grain batch_fn: reads, decodes and crops each drawn record into one batch.
 
   Each record is read into a reused per-thread buffer and its crop is copied
-  straight into the batch, so a crop costs one copy and no fresh allocation.
-  With shared_memory, the batch is allocated in shared memory, which grain
-  workers hand to the main process without another copy.
+  straight into the batch: one copy per crop and no multi-MB allocation per
+  record (fresh buffers cost more in page faults than the read itself).
   """
-
-  def __init__(self, source: records.IndexedTFRecordSource, size: int,
-               shared_memory: bool = False):
-    self.source, self.size, self.shared_memory = source, size, shared_memory
+  source: records.IndexedTFRecordSource
+  size: int
 
   def __call__(self, draws) -> dict[str, np.ndarray]:
     out = None
     for i, draw in enumerate(draws):
       image = records.decode_image(self.source.read_view(draw[0]))
       if out is None:
-        shape = (len(draws), self.size, self.size, image.shape[2])
-        out = (grain_python.SharedMemoryArray(shape, image.dtype) if self.shared_memory
-               else np.empty(shape, image.dtype))
+        out = np.empty((len(draws), self.size, self.size, image.shape[2]), image.dtype)
       out[i] = crop_site(image, draw, self.size)
     return {"image": out}
 
@@ -205,8 +200,7 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
                   seed: int = 0, process_index: int = 0, process_count: int = 1,
                   augment: bool = False, verify_crc: bool = True,
                   skip_corrupt: bool = False, expect_channels=None, expect_dtype=None,
-                  read_threads: int = 2, read_buffer: int = 2,
-                  shared_memory: bool = False) -> grain.IterDataset:
+                  read_threads: int = 2, read_buffer: int = 2) -> grain.IterDataset:
   """Endless, deterministic stream of this process's local training batches.
 
   Yields {"image": (global_batch_size // process_count, crop, crop, C)} in the
@@ -214,7 +208,8 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
   random crop; process p takes positions p, p + P, ... of that stream. With
   skip_corrupt=True corrupt records are dropped, and each batch also carries
   "num_skipped" (int64 scalar: records dropped while filling it; pop it before
-  making jax.Arrays). shared_memory is for train_iterator's grain workers.
+  making jax.Arrays). read_threads and read_buffer (batches) set grain's
+  ReadOptions in each process.
   """
   if global_batch_size % process_count:
     raise InputError(f"global batch size {global_batch_size} is not divisible by "
@@ -234,12 +229,13 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
   if skip_corrupt:
     # Dropping records moves batch boundaries: batch after the element stream.
     crops = draws.map(ReadCrop(source, crop_size)).to_iter_dataset(grain.ReadOptions(
-        num_threads=read_threads, prefetch_buffer_size=read_buffer * local_batch))
+        num_threads=read_threads,
+        prefetch_buffer_size=max(read_buffer * local_batch, read_threads)))
     return _SkipCorruptBatchDataset(crops, local_batch)
   batches = draws.batch(local_batch, drop_remainder=True,
-                        batch_fn=CropBatch(source, crop_size, shared_memory))
-  return batches.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                   prefetch_buffer_size=read_buffer))
+                        batch_fn=CropBatch(source, crop_size))
+  return batches.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(read_buffer, read_threads)))
 
 
 def train_iterator(manifest_path, *, num_workers: int = 0, worker_buffer: int = 2,
@@ -249,15 +245,13 @@ def train_iterator(manifest_path, *, num_workers: int = 0, worker_buffer: int = 
   get_state()/set_state() resume exactly, with the same num_workers only (grain
   keeps one state per worker). Call close() when done.
   """
+  ds = train_dataset(manifest_path, **kwargs)
   if num_workers > 0:
     # grain 0.2.18 reads absl flags in mp_prefetch and fails outside app.run (#1355).
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = train_dataset(manifest_path, shared_memory=True, **kwargs)
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=worker_buffer))
-  else:
-    ds = train_dataset(manifest_path, **kwargs)
   return iter(ds)
 
 

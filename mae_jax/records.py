@@ -90,8 +90,8 @@ def encode_site(image: np.ndarray, channels: Sequence[str],
 
 
 # A small reader of the protobuf wire format of Example. Upb's first access to a
-# large bytes field costs ~3 ms per MB, and reading metadata through upb would
-# read the whole image, so the hot paths walk the bytes themselves.
+# large bytes field costs ~3 ms per MB here, and reading metadata through upb
+# would read the whole image, so the hot paths walk the bytes themselves.
 
 def _varint(data, pos: int) -> tuple[int, int]:
   value = shift = 0
@@ -99,24 +99,23 @@ def _varint(data, pos: int) -> tuple[int, int]:
     if pos >= len(data):
       raise ValueError("truncated varint")
     byte = data[pos]
-    pos += 1
     value |= (byte & 0x7f) << shift
+    pos += 1
     if byte < 0x80:
       return value, pos
     shift += 7
 
 
 def _walk(read, start: int, end: int):
-  """Yields (field number, wire type, value start, value size) of one message.
+  """Yields (field, wire type, value start, value size) of a message's fields.
 
-  `read(pos, n)` returns up to n bytes of the serialized message from pos; a
-  varint value's size is its encoded length.
+  `read(pos, n)` returns up to n bytes of the serialized message from pos.
   """
   pos = start
   while pos < end:
     head = read(pos, 20)
     tag, used = _varint(head, 0)
-    field, wire = tag >> 3, tag & 7
+    wire = tag & 7
     if wire == 0:
       size = _varint(head, used)[1] - used
     elif wire == 2:
@@ -126,134 +125,81 @@ def _walk(read, start: int, end: int):
       size = 8 if wire == 1 else 4
     else:
       raise ValueError(f"unsupported wire type {wire}")
-    yield field, wire, pos + used, size
+    yield tag >> 3, wire, pos + used, size
     pos += used + size
   if pos != end:
     raise ValueError("field runs past the end of its message")
 
 
 def _feature_entries(read, length: int):
-  """Yields (key, value start, value size) of each entry of Example.features."""
+  """Yields (key bytes, value start, value size) of each Example feature."""
   for field, wire, start, size in _walk(read, 0, length):
-    if field != 1 or wire != 2:  # Example.features
+    if (field, wire) != (1, 2):  # Example.features
       continue
-    for field2, wire2, entry, entry_size in _walk(read, start, start + size):
-      if field2 != 1 or wire2 != 2:  # Features.feature (map entries)
+    for field, wire, entry, entry_size in _walk(read, start, start + size):
+      if (field, wire) != (1, 2):  # Features.feature map entries
         continue
-      key, value = None, (0, 0)
-      for field3, _, pos, n in _walk(read, entry, entry + entry_size):
-        if field3 == 1:
-          key = bytes(read(pos, n)).decode()
-        elif field3 == 2:
+      head = read(entry, 2)
+      if head[0] == 0x0a and head[1] < 0x80:  # Usual layout: a short key first.
+        key = bytes(read(entry + 2, head[1]))
+        rest = _walk(read, entry + 2 + head[1], entry + entry_size)
+      else:
+        key, rest = None, _walk(read, entry, entry + entry_size)
+      value = (0, 0)
+      for field, _, pos, n in rest:
+        if field == 1:
+          key = bytes(read(pos, n))
+        elif field == 2:
           value = (pos, n)
       yield key, *value
 
 
-def _list_values(read, start: int, size: int, kind: int):
-  """(start, size, wire type) of each value of a Feature's list `kind`.
+def _spans(read, start: int, size: int):
+  """(kind, wire type, start, size) of each value in a serialized Feature.
 
   kind: 1 bytes_list, 2 float_list, 3 int64_list.
   """
+  return [(kind, wire, p, n) for kind, _, pos, size2 in _walk(read, start, start + size)
+          for field, wire, p, n in _walk(read, pos, pos + size2) if field == 1]
+
+
+def _values(read, start: int, size: int) -> list:
+  """Decoded values of a serialized Feature (bytes, floats or ints)."""
   values = []
-  for field, _, pos, n in _walk(read, start, start + size):
-    if field == kind:
-      values.extend((p, m, w) for f, w, p, m in _walk(read, pos, pos + n) if f == 1)
+  for kind, wire, pos, n in _spans(read, start, size):
+    data = bytes(read(pos, n))
+    if len(data) != n:
+      raise ValueError("truncated feature")
+    if kind == 1:
+      values.append(data)
+    elif kind == 2:
+      values.extend(np.frombuffer(data, "<f4").tolist())
+    else:  # Packed (wire 2) or one plain varint; int64 is two's complement.
+      at = 0
+      while at < n:
+        value, at = _varint(data, at)
+        values.append(value - (1 << 64) if value >= 1 << 63 else value)
   return values
 
 
-def _scalars(read, pos: int, size: int, wire: int, kind: int) -> list:
-  """Decoded values of one list field occurrence (packed or not)."""
-  data = bytes(read(pos, size))
-  if len(data) != size:
-    raise ValueError("truncated feature")
-  if kind == 1:
-    return [data.decode()]
-  if kind == 2:
-    return np.frombuffer(data, "<f4").tolist()
-  values, at = [], 0
-  while at < len(data) if wire == 2 else not values:
-    value, at = _varint(data, at)
-    values.append(value - (1 << 64) if value >= 1 << 63 else value)
-  return values
-
-
-def _feature_first(read, start: int, size: int):
-  """First value of a serialized Feature ("" when empty)."""
-  for kind in (1, 2, 3):
-    for pos, n, wire in _list_values(read, start, size, kind):
-      values = _scalars(read, pos, n, wire, kind)
-      if values:
-        return values[0]
-  return ""
-
-
-_IMAGE_KEYS = (b"image", b"shape", b"dtype")
-
-
-def _image_entries(view) -> dict[bytes, tuple[int, int]]:
-  """{key: (value start, size)} of the image, shape and dtype features.
-
-  The hot path of decode_image: a flat loop over the map entries that reads
-  only each entry's length and short key. Entries laid out otherwise (long key,
-  key after value) fall back to the general walk.
-  """
-  found = {}
-  for field, wire, start, size in _walk(lambda pos, n: view[pos:pos + n], 0, len(view)):
-    if field != 1 or wire != 2:  # Example.features
-      continue
-    pos, end = start, start + size
-    while pos < end:
-      tag = view[pos]
-      entry_size, entry = _varint(view, pos + 1)
-      pos = entry + entry_size
-      if tag != 0x0a:  # Not a map entry: skip (only length-delimited expected).
-        raise ValueError(f"unexpected tag {tag} in Features")
-      key_size = view[entry + 1]
-      if view[entry] != 0x0a or key_size >= 0x80 or view[entry + 2 + key_size] != 0x12:
-        return {k.encode(): (s, n) for k, s, n in
-                _feature_entries(lambda p, n: view[p:p + n], len(view))
-                if k.encode() in _IMAGE_KEYS}
-      key = view[entry + 2:entry + 2 + key_size]
-      if key in _IMAGE_KEYS:
-        value_size, value = _varint(view, entry + 3 + key_size)
-        found[bytes(key)] = (value, value_size)
-  return found
+def _view_reader(payload):
+  view = memoryview(payload)
+  return len(view), lambda pos, n: view[pos:pos + n]
 
 
 def decode_image(payload) -> np.ndarray:
   """Only the HWC image of a site: a read-only view into `payload`, no copy."""
-  view = memoryview(payload)
-  read = lambda pos, n: view[pos:pos + n]
+  length, read = _view_reader(payload)
   try:
-    found = {k: _list_values(read, start, size, 3 if k == b"shape" else 1)
-             for k, (start, size) in _image_entries(view).items()}
-    shape = [v for pos, n, wire in found[b"shape"] for v in _scalars(read, pos, n, wire, 3)]
-    (pos, n, wire), = found[b"dtype"]
-    dtype = np.dtype(_scalars(read, pos, n, wire, 1)[0]).newbyteorder("<")
-    (pos, n, _), = found[b"image"]
+    found = {k: (s, n) for k, s, n in _feature_entries(read, length)
+             if k in (b"image", b"shape", b"dtype")}
+    shape = _values(read, *found[b"shape"])
+    dtype = np.dtype(_values(read, *found[b"dtype"])[0].decode()).newbyteorder("<")
+    (_, _, pos, n), = _spans(read, *found[b"image"])
     image = np.frombuffer(payload, dtype, n // dtype.itemsize, pos).reshape(shape)
   except (KeyError, ValueError, TypeError, IndexError) as e:
     raise ValueError(f"bad site record: {type(e).__name__}: {e}") from None
   return image.astype(dtype.newbyteorder("="), copy=False)
-
-
-def decode_metadata(payload) -> dict:
-  """Metadata of a site; int64 features come back as int (bools as 0/1)."""
-  view = memoryview(payload)
-  return metadata_from_reader(lambda pos, n: view[pos:pos + n], len(view))
-
-
-def decode_site(payload) -> dict:
-  """{"image": HWC ndarray, "channels": [...], "metadata": {key: value}}."""
-  view = memoryview(payload)
-  read = lambda pos, n: view[pos:pos + n]
-  channels = []
-  for key, start, size in _feature_entries(read, len(view)):
-    if key == "channels":
-      channels = [bytes(view[p:p + n]).decode() for p, n, _ in
-                  _list_values(read, start, size, 1)]
-  return {"image": decode_image(payload), "channels": channels,
-          "metadata": decode_metadata(payload)}
 
 
 def metadata_from_reader(read, length: int) -> dict:
@@ -261,12 +207,29 @@ def metadata_from_reader(read, length: int) -> dict:
 
   `read(pos, n)` returns up to n payload bytes from pos; only the small
   metadata entries are read in full, so a 50 MB site costs a few kB of I/O.
+  Strings come back as str, int64 as int (bools as 0/1), empty features as "".
   """
   metadata = {}
   for key, start, size in _feature_entries(read, length):
-    if key and key.startswith("meta/"):
-      metadata[key[5:]] = _feature_first(read, start, size)
+    if key and key.startswith(b"meta/"):
+      values = _values(read, start, size) or [""]
+      value = values[0]
+      metadata[key[5:].decode()] = value.decode() if isinstance(value, bytes) else value
   return dict(sorted(metadata.items()))
+
+
+def decode_metadata(payload) -> dict:
+  return metadata_from_reader(*reversed(_view_reader(payload)))
+
+
+def decode_site(payload) -> dict:
+  """{"image": HWC ndarray, "channels": [...], "metadata": {key: value}}."""
+  length, read = _view_reader(payload)
+  channels = [_values(read, s, n) for k, s, n in _feature_entries(read, length)
+              if k == b"channels"]
+  return {"image": decode_image(payload),
+          "channels": [c.decode() for c in (channels[0] if channels else [])],
+          "metadata": decode_metadata(payload)}
 
 
 class _WindowReader:
@@ -400,32 +363,27 @@ def shard_paths(path, manifest: dict | None = None) -> list[str]:
 def scan_index(path: str, skip_corrupt: bool = False) -> tuple[np.ndarray, int]:
   """Index of a shard from its record headers alone: ((n, 2) int64, corrupt).
 
-  A truncated tail or a bad length crc raises RecordError, or with skip_corrupt
+  A cut-off record or a bad length crc raises RecordError, or with skip_corrupt
   ends the scan there and counts 1 corrupt record.
   """
-  rows = []
-  size = os.path.getsize(path)
+  rows, offset, size = [], 0, os.path.getsize(path)
   with open(path, "rb") as f:
-    offset = 0
     while offset < size:
-      header = f.read(_HEADER)
-      problem = None
-      if len(header) < _HEADER:
-        problem = f"truncated record header ({len(header)} of {_HEADER} bytes)"
+      header = os.pread(f.fileno(), _HEADER, offset)
+      length = struct.unpack("<Q", header[:8])[0] if len(header) == _HEADER else 0
+      if len(header) == _HEADER and (struct.unpack("<I", header[8:])[0] !=
+                                     masked_crc32c(header[:8])):
+        problem = "length crc mismatch"
+      elif len(header) < _HEADER or offset + _HEADER + length + _FOOTER > size:
+        problem = (f"truncated record (file ends at byte {size}, record needs "
+                   f"{_HEADER + length + _FOOTER} bytes)")
       else:
-        (length,) = struct.unpack("<Q", header[:8])
-        if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
-          problem = "length crc mismatch"
-        elif offset + _HEADER + length + _FOOTER > size:
-          problem = (f"truncated record (needs {_HEADER + length + _FOOTER} bytes, "
-                     f"file has {size - offset} left)")
-      if problem:
-        if skip_corrupt:
-          return np.asarray(rows, np.int64).reshape(-1, 2), 1
+        rows.append((offset + _HEADER, length))
+        offset += _HEADER + length + _FOOTER
+        continue
+      if not skip_corrupt:
         raise RecordError(f"{path}: byte offset {offset}: {problem}")
-      rows.append((offset + _HEADER, length))
-      offset += _HEADER + length + _FOOTER
-      f.seek(offset)
+      return np.asarray(rows, np.int64).reshape(-1, 2), 1
   return np.asarray(rows, np.int64).reshape(-1, 2), 0
 
 
@@ -514,74 +472,49 @@ class IndexedTFRecordSource:
     return fd
 
   def __getitem__(self, index: int) -> bytes | None:
-    path, offset, length = self.locate(index)
-    try:
-      return self._read(path, offset, length)
-    except RecordError:
-      if not self.skip_corrupt:
-        raise
-      self.num_corrupt += 1
-      return None
+    view = self.read_view(index)
+    return None if view is None else view.tobytes()
 
   def read_view(self, index: int) -> np.ndarray | None:
-    """Like source[index], as a uint8 view into a per-thread reusable buffer.
+    """source[index] as a uint8 view into a reused per-thread buffer.
 
-    Valid until this thread's next read_view. The hot path uses it: a fresh
+    Valid until this thread's next read_view. The hot paths use it: a fresh
     multi-MB buffer per record costs more in page faults than the read itself.
     """
     path, offset, length = self.locate(index)
     local = self.__dict__.setdefault("_local", threading.local())
-    buffer = getattr(local, "buffer", None)
-    if buffer is None or len(buffer) < length + _HEADER + _FOOTER:
-      buffer = local.buffer = np.empty(int((length + _HEADER + _FOOTER) * 1.25), np.uint8)
-    record = buffer[:length + _HEADER + _FOOTER]
-    start = offset - _HEADER
+    size, start = _HEADER + length + _FOOTER, offset - _HEADER
+    if getattr(local, "buffer", None) is None or len(local.buffer) < size:
+      local.buffer = np.empty(size + size // 4, np.uint8)
+    record = local.buffer[:size]
+    header, payload, footer = record[:_HEADER], record[_HEADER:-_FOOTER], record[-_FOOTER:]
     try:
-      got = os.preadv(self._fd(path), [record], start)
-      if got != len(record):
+      if os.preadv(self._fd(path), [record], start) != size:
         self._truncated(path, start, length)
-      if self.verify_crc:
-        self._check(path, start, record[:_HEADER], record[_HEADER:-_FOOTER],
-                    record[-_FOOTER:])
+      problem = self._problem(header, payload, footer, length)
+      if problem:
+        raise RecordError(f"{path}: byte offset {start}: {problem}")
     except RecordError:
       if not self.skip_corrupt:
         raise
       self.num_corrupt += 1
       return None
-    return record[_HEADER:-_FOOTER]
+    return payload
+
+  def _problem(self, header, payload, footer, length: int) -> str | None:
+    stored, length_crc = struct.unpack("<QI", header)
+    if stored != length:
+      return f"length field {stored} disagrees with the index ({length})"
+    if self.verify_crc and length_crc != masked_crc32c(header[:8]):
+      return "length crc mismatch"
+    if self.verify_crc and struct.unpack("<I", footer)[0] != masked_crc32c(payload):
+      return "payload crc mismatch"
+    return None
 
   def _truncated(self, path: str, start: int, length: int, size: int | None = None):
     size = os.fstat(self._fd(path)).st_size if size is None else size
     raise RecordError(f"{path}: byte offset {start}: truncated record (file ends at "
                       f"byte {size}, record needs {_HEADER + length + _FOOTER} bytes)")
-
-  def _read(self, path: str, offset: int, length: int) -> bytes:
-    fd = self._fd(path)
-    start = offset - _HEADER
-    if not self.verify_crc:
-      payload = os.pread(fd, length, offset)
-      if len(payload) != length:
-        self._truncated(path, start, length)
-      return payload
-    # Three preads instead of one: slicing one buffer would copy the payload.
-    header = os.pread(fd, _HEADER, start)
-    payload = os.pread(fd, length, offset)
-    footer = os.pread(fd, _FOOTER, offset + length)
-    if len(header) + len(payload) + len(footer) != _HEADER + length + _FOOTER:
-      self._truncated(path, start, length)
-    self._check(path, start, header, payload, footer)
-    return payload
-
-  @staticmethod
-  def _check(path: str, start: int, header, payload, footer) -> None:
-    length, length_crc = struct.unpack("<QI", header)
-    if length != len(payload):
-      raise RecordError(f"{path}: byte offset {start}: length field {length} disagrees "
-                        f"with the index ({len(payload)})")
-    if length_crc != masked_crc32c(header[:8]):
-      raise RecordError(f"{path}: byte offset {start}: length crc mismatch")
-    if struct.unpack("<I", footer)[0] != masked_crc32c(payload):
-      raise RecordError(f"{path}: byte offset {start}: payload crc mismatch")
 
   def metadata(self, index: int) -> dict:
     """Metadata of record `index`, reading only its small features (no CRC check)."""

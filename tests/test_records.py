@@ -205,6 +205,19 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path):
   assert len(scanned) == 2 and scanned.num_corrupt == 1
 
 
+def test_bad_length_crc_found_by_scan(tmp_path):
+  path = str(tmp_path / "s.tfrecord")
+  _write_shard(path, 3)
+  start = int(np.load(path + ".idx")[1, 0]) - 12
+  os.remove(path + ".idx")
+  _flip_byte(path, start + 9)  # Inside the masked crc of record 1's length.
+  with pytest.raises(records.RecordError) as e:
+    records.IndexedTFRecordSource([path])
+  assert str(e.value) == f"{path}: byte offset {start}: length crc mismatch"
+  skipping = records.IndexedTFRecordSource([path], skip_corrupt=True)
+  assert len(skipping) == 1 and skipping.num_corrupt == 1
+
+
 def test_read_view_matches_getitem_and_reuses_buffer(tmp_path):
   path = str(tmp_path / "s.tfrecord")
   _write_shard(path, 3)
