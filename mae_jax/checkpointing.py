@@ -1,0 +1,156 @@
+"""Orbax checkpoints of a run: the train state and the data iterator, saved together.
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1000, keep=3)
+    state, data_iter = ckpt.restore(ckpt.latest_step(), abstract_state, data_iter)
+    ckpt.save(step, state, data_iter)              # async; returns whether it saved
+    if ckpt.reached_preemption(step): ...          # SIGTERM on any process -> same step on all
+    ckpt.close()                                   # waits; background errors surface here
+
+    model, config = load_for_eval("WORKDIR")       # or WORKDIR/checkpoints or a step folder
+
+Layout (contracts.md): `checkpoints/<step>/{state/, data/process_<i>-of-<n>.json}`. A restore
+takes an abstract target carrying the NEW mesh's shardings, so a run can resume on another mesh
+or device count. The data item needs the same process count (grain keeps one file per process).
+This file is the only place that knows Orbax's V0 API, so moving to `ocp.v1` touches nothing else.
+"""
+import json
+import logging
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mae_jax import mae, sharding
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint path or config that cannot be used (a user mistake: one line)."""
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  path = epath.Path(workdir) / CHECKPOINT_DIR
+  return path if "://" in str(path) else epath.Path(path).absolute()  # Orbax wants absolute
+
+
+class Checkpointer:
+  """Orbax V0 `CheckpointManager` with the items ("state", "data")."""
+
+  def __init__(self, directory, *, save_every: int, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(save_every)), max_to_keep=max(1, int(keep)),
+        enable_async_checkpointing=async_save, create=True)
+    self.directory = epath.Path(directory)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       item_names=("state", "data"))
+
+  def latest_step(self):
+    return self._mngr.latest_step()
+
+  def all_steps(self):
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
+    """Saves (state, data iterator) if `step` is due (or `force`); False if not saved.
+
+    The device->host copy happens before this returns, so the caller may donate `state` to the
+    next step right away; the write finishes in the background.
+    """
+    if step in self._mngr.all_steps():  # e.g. a final or preemption save on an interval step
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iter))
+    return self._mngr.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """(state, data_iter) at `step`; `abstract_state` carries the target shardings.
+
+    Without `data_iter` only the train state is read (the synthetic source needs no state).
+    """
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], (restored["data"] if data_iter is not None else None)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any process got a preemption notice."""
+    return self._mngr.reached_preemption(step)
+
+  def check_for_errors(self):
+    """Raises the error of a finished background save, if any (never swallowed)."""
+    self._mngr.check_for_errors()
+
+  def wait_until_finished(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.close()
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def resolve(ckpt_path, step: int | None = None):
+  """(workdir, step folder) for a WORKDIR, its checkpoints/ folder or one step folder."""
+  path = epath.Path(ckpt_path)
+  if not path.exists():
+    raise CheckpointError(f"checkpoint path {path} does not exist")
+  if (path / CONFIG_FILE).exists():
+    workdir, steps_dir = path, path / CHECKPOINT_DIR
+  elif path.name == CHECKPOINT_DIR:
+    workdir, steps_dir = path.parent, path
+  elif path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+    return path.parent.parent, path
+  else:
+    raise CheckpointError(f"{path} is neither a run's WORKDIR (with {CONFIG_FILE}), its "
+                          f"{CHECKPOINT_DIR}/ folder, nor a step folder inside it")
+  steps = sorted(int(p.name) for p in steps_dir.iterdir()
+                 if p.name.isdigit() and (p / "state").exists()) if steps_dir.exists() else []
+  if not steps:
+    raise CheckpointError(f"no finished checkpoint in {steps_dir}")
+  if step is not None and step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} in {steps_dir}; have {steps}")
+  return workdir, steps_dir / str(step if step is not None else steps[-1])
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(f"{path} is missing: evaluation rebuilds the model from it")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = None, dtype=None):
+  """(MAE with restored parameters, run config) from a WORKDIR, checkpoints/ or a step folder.
+
+  Only the model's variables are read (no optimiser state). They land replicated on `mesh`
+  (default: a 1-device mesh of the first local device); compute runs in `dtype` (default: the
+  run's `precision`). The result is ready for `model.embed(images)`.
+  """
+  workdir, step_dir = resolve(ckpt_path, step)
+  config = read_config(workdir)
+  rules = sharding.normalize_rules(config.sharding_rules)
+  mesh = mesh or Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  dtype = dtype or mae.compute_dtype(config.get("precision", "float32"))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: mae.build_model(config.model, seed=0, dtype=dtype))
+  graphdef, abstract_state = nnx.split(abstract)
+  replicated = NamedSharding(mesh, P())
+  target = nnx.State({"model": jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)})
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  logging.info("restored model parameters of %s (no optimiser state)", step_dir)
+  model = nnx.merge(graphdef, restored["model"])
+  return model, config
