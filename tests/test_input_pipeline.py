@@ -175,6 +175,12 @@ def test_flipped_byte_fails_or_is_skipped_and_counted(tmp_path):
     got = next(resumed)
     np.testing.assert_array_equal(got["image"], want["image"])
     assert got["num_skipped"] == want["num_skipped"]
+  # Evaluation skips the site too, or stops on it.
+  tiles = list(input_pipeline.eval_tiles(manifest, tile_size=CROP, skip_corrupt=True))
+  assert sorted(set(np.concatenate([t["site"] for t in tiles]))) == [
+      i for i in range(NUM_SITES) if i != 5]
+  with pytest.raises(records.RecordError, match="payload crc mismatch"):
+    list(input_pipeline.eval_tiles(manifest, tile_size=CROP))
   # verify_crc=False reads the damaged record without noticing.
   it = input_pipeline.train_iterator(manifest, global_batch_size=NUM_SITES,
                                      crop_size=CROP, verify_crc=False)
