@@ -19,7 +19,7 @@ def plot_recall(result: dict, path, title: str):
   """Grouped bars (one group per source, one bar per threshold pair) saved to `path` (PNG)."""
   sources = list(result["sources"])
   keys = _thresholds(result)
-  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(sources), 1), 4.4), dpi=150)
+  fig, ax = plt.subplots(figsize=(2.4 + 1.3 * max(len(sources), 1), 4.6), dpi=150)
   width = 0.8 / max(len(keys), 1)
   x = np.arange(len(sources))
   top = 0.0
@@ -33,23 +33,28 @@ def plot_recall(result: dict, path, title: str):
     bars = ax.bar(pos, heights, width * 0.92, color=color,
                   label=f"recall ({lo:g}, {hi:g})", zorder=2)
     for b, v in zip(bars, vals):
-      ax.annotate("skipped" if v is None else f"{v:.2f}", (b.get_x() + b.get_width() / 2,
-                  b.get_height()), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                  textcoords="offset points", rotation=90 if v is None else 0, color="#333")
-    ax.axhline(chance, color=color, ls="--", lw=1, zorder=1, alpha=0.8)
-    ax.annotate(f"chance {chance:.0%}", (len(sources) - 0.5, chance), ha="right", va="bottom",
-                fontsize=7, color=color)
+      if v is not None:
+        ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points",
+                    color="#333")
+    ax.axhline(chance, color=color, ls="--", lw=1.2, zorder=3, alpha=0.9,
+               label=f"chance ({lo:g}, {hi:g}) = {chance:.0%}")
     top = max([top, chance] + heights)
+  for pos, src in enumerate(sources):
+    if "skipped" in result["sources"][src]:
+      ax.annotate("skipped:\ntoo few genes\nin the map", (pos, 0.24), ha="center",
+                  va="bottom", fontsize=7, color="#777")
   labels = [f"{s}\n{result['sources'][s].get('pairs', 0):,} pairs" for s in sources]
   ax.set_xticks(x, labels, fontsize=8)
   ax.set_xlim(-0.6, len(sources) - 0.4)
-  ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
+  ax.set_ylim(0, min(1.08, top * 1.12 + 0.03))
   ax.set_ylabel("recall of known relationships")
   ax.spines[["top", "right"]].set_visible(False)
   ax.grid(axis="y", alpha=0.3, zorder=0)
-  ax.legend(fontsize=8, frameon=False, loc="upper left")
+  ax.legend(fontsize=7.5, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+            ncol=2 * max(len(keys), 1), handlelength=1.8, columnspacing=1.2)
   n = result.get("n_perturbations")
-  ax.set_title(title + (f"\n{n:,} perturbations" if n else ""), fontsize=10)
+  ax.set_title(title + (f" · {n:,} perturbations" if n else ""), fontsize=10, pad=24)
   fig.tight_layout()
   fig.savefig(path, format="png")
   plt.close(fig)
