@@ -137,7 +137,7 @@ class CropBatch:
   def __call__(self, draws) -> dict[str, np.ndarray]:
     out = None
     for i, draw in enumerate(draws):
-      image = records.decode_image(self.source.read_view(draw[0]))
+      image = self.source.decode_image(draw[0], self.source.read_view(draw[0]))
       if out is None:
         out = np.empty((len(draws), self.size, self.size, image.shape[2]), image.dtype)
       out[i] = crop_site(image, draw, self.size)
@@ -158,7 +158,8 @@ class ReadCrop:
     payload = self.source.read_view(draw[0])
     if payload is None:
       return _CORRUPT
-    return {"image": crop_site(records.decode_image(payload), draw, self.size).copy()}
+    image = self.source.decode_image(draw[0], payload)
+    return {"image": crop_site(image, draw, self.size).copy()}
 
 
 class _SkipCorruptBatchDataset(grain.IterDataset):
@@ -265,7 +266,7 @@ class _Tiles:
     payload = self.source.read_view(index)
     if payload is None:
       return None
-    image = records.decode_image(payload)
+    image = self.source.decode_image(index, payload)
     height, width, channels = image.shape
     rows, cols, t = height // self.size, width // self.size, self.size
     if not rows or not cols:

@@ -140,9 +140,10 @@ def _feature_entries(read, length: int):
       if (field, wire) != (1, 2):  # Features.feature map entries
         continue
       head = read(entry, 2)
-      if head[0] == 0x0a and head[1] < 0x80:  # Usual layout: a short key first.
-        key = bytes(read(entry + 2, head[1]))
-        rest = _walk(read, entry + 2 + head[1], entry + entry_size)
+      key_size = head[1] if len(head) == 2 and head[0] == 0x0a else 0x80
+      if key_size < 0x80 and 2 + key_size <= entry_size:  # Usual: a short key first.
+        key = bytes(read(entry + 2, key_size))
+        rest = _walk(read, entry + 2 + key_size, entry + entry_size)
       else:
         key, rest = None, _walk(read, entry, entry + entry_size)
       value = (0, 0)
@@ -510,6 +511,14 @@ class IndexedTFRecordSource:
     if self.verify_crc and struct.unpack("<I", footer)[0] != masked_crc32c(payload):
       return "payload crc mismatch"
     return None
+
+  def decode_image(self, index: int, payload) -> np.ndarray:
+    """decode_image(payload) of record `index`; a malformed record raises RecordError."""
+    try:
+      return decode_image(payload)
+    except ValueError as e:
+      path, offset, _ = self.locate(index)
+      raise RecordError(f"{path}: byte offset {offset - _HEADER}: {e}") from None
 
   def _truncated(self, path: str, start: int, length: int, size: int | None = None):
     size = os.fstat(self._fd(path)).st_size if size is None else size

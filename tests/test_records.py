@@ -205,6 +205,18 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path):
   assert len(scanned) == 2 and scanned.num_corrupt == 1
 
 
+def test_malformed_payload_names_shard_and_offset(tmp_path):
+  path = str(tmp_path / "s.tfrecord")
+  with records.ShardWriter(path) as w:
+    w.write(_site(0), CHANNELS, {})
+    w.write_payload(b"\x0a\x05trunc")  # Framed correctly, but not a whole Example.
+  src = records.IndexedTFRecordSource([path])
+  start = int(np.load(path + ".idx")[1, 0]) - 12
+  with pytest.raises(records.RecordError, match=f"^{path}: byte offset {start}: bad site"):
+    src.decode_image(1, src.read_view(1))
+  np.testing.assert_array_equal(src.decode_image(0, src.read_view(0)), _site(0))
+
+
 def test_bad_length_crc_found_by_scan(tmp_path):
   path = str(tmp_path / "s.tfrecord")
   _write_shard(path, 3)
