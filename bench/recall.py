@@ -46,7 +46,7 @@ def _ours(x, labels, pairs):
   from eval import benchmarks
   res = benchmarks.relationship_recall(x, labels, pairs, THRESHOLDS)
   return {s: {k: v for k, v in r.items() if k != "entities"} for s, r in res["sources"].items()}, {
-      "fallback_ranks": res["fallback_ranks"]}
+      "fallback_ranks": res["fallback_ranks"], "gemm_flops": res["similarity_flops"]}
 
 
 def _reference(x, labels, pairs):
@@ -91,8 +91,20 @@ def child(kind, data_dir):
   t0 = time.perf_counter()
   recall, extra = run(x, labels, pairs)
   seconds = time.perf_counter() - t0
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "recall": recall, **extra}))
+  print(json.dumps({"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "recall": recall,
+                    **extra}))
+
+
+def _peak_rss_mib():
+  """VmHWM of this process: unlike ru_maxrss it is not floored by the parent's RSS at fork."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spawn(kind, data_dir):
@@ -115,6 +127,10 @@ def main():
   args = ap.parse_args()
   if args.child:
     return child(args.child, args.data)
+  from bench import common
+  yard = {"xla_matmul_gflops": round(common.matmul_peak_gflops(), 1),
+          "numpy_matmul_gflops": round(common.numpy_matmul_gflops(), 1),
+          "device": common.device_description()}
   x, labels = make_map(args.perturbations, args.dims)
   best = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -125,12 +141,11 @@ def main():
     for rep in range(args.repeats):  # interleaved, so both sides see similar machine load
       load = os.getloadavg()[0]
       runs = {k: _spawn(k, tmp) for k in ["ours", "reference"] + ["same_s"] * args.same_s}
-      line = _line(args, runs, load)
-      print(json.dumps({"repeat": rep, **line}), flush=True)
+      common.emit(repeat=rep, **_line(args, runs, load), **yard)
       for k, r in runs.items():
         if k not in best or r["seconds"] < best[k]["seconds"]:
           best[k] = r
-  print(json.dumps({"summary": True, **_line(args, best, os.getloadavg()[0])}), flush=True)
+  common.emit(summary=True, **_line(args, best, os.getloadavg()[0]), **yard)
 
 
 def _line(args, runs, load):
@@ -143,7 +158,9 @@ def _line(args, runs, load):
           "peak_rss_mib": round(ours["peak_rss_mib"], 1),
           "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
           "reference_sort_and_search_seconds": round(ref["sort_and_search_seconds"], 3),
-          "fallback_ranks": ours["fallback_ranks"]}
+          "fallback_ranks": ours["fallback_ranks"],
+          "gemm_gflop": round(ours["gemm_flops"] / 1e9, 1),
+          "reference_gemm_gflop": round(2.0 * args.perturbations ** 2 * args.dims / 1e9, 1)}
   if "same_s" in runs:
     line.update(same_s_seconds=round(runs["same_s"]["seconds"], 3),
                 identical_same_s=ours["recall"] == runs["same_s"]["recall"])

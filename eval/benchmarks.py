@@ -97,6 +97,11 @@ class SimilarityTiles:
   def null_size(self) -> int:
     return self.n * (self.n - 1) // 2
 
+  @property
+  def flops(self) -> int:
+    """Multiply-add FLOPs of one pass over all tiles."""
+    return 2 * len(self.windows) * self.rows * self.cols * int(self.xn.shape[1])
+
   def dispatch(self, w: int, edges=None):
     """Starts computing window w (asynchronously); returns device arrays (s, code)."""
     e = np.full(EDGES, np.inf, np.float32)
@@ -376,6 +381,7 @@ def relationship_recall(embeddings, labels, pairs_by_source: Mapping[str, Sequen
     out.update(_tail_recall(q, stats, m, thresholds))
     sources[src] = out
   return {"n_perturbations": len(index), "null_pairs": m, "fallback_ranks": missed,
+          "similarity_flops": tiles.flops * (1 + 2 * (missed > 0)),
           "sources": {s: sources[s] for s in pairs_by_source}}
 
 
