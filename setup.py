@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["mae_jax", "mae_jax.*", "data_prep", "data_prep.*",
+    packages=find_packages(include=["mae_jax", "mae_jax.*", "data_prep", "data_prep.*", "configs",
                                     "eval", "eval.*"]),
     package_data={"mae_jax": ["data/*"]},
     install_requires=[

@@ -1,0 +1,100 @@
+"""Shared defaults of every mae_jax config: the paper's recipe (method.md §1-2) in one place.
+
+A model file is one call, e.g. `configs/vitl8.py`: `return common.get_config("L/8")`.
+Override anything from the command line: `--config.batch_size=256 --config.mesh.fsdp=8`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# name -> (width, depth, heads, mlp_dim, drop_path, lr). Widths/depths/heads from the official
+# maes_microscopy constructors (method.md §1.2); lr 1e-4 up to B and 3e-5 for L/G (§2.3).
+VARIANTS = {
+    "S": (384, 12, 6, 1536, 0.1, 1e-4),
+    "B": (768, 12, 12, 3072, 0.1, 1e-4),
+    "L": (1024, 24, 16, 4096, 0.3, 3e-5),
+    "G": (1664, 48, 16, 8192, 0.6, 3e-5),
+}
+
+# The single source of sharding truth (MaxText's logical_axis_rules): logical axis names used by
+# the model's parameters and activations -> mesh axes. FSDP shards the model width over `fsdp`;
+# tensor parallelism shards heads and the MLP hidden dim over `tensor`; the batch spans data x fsdp.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("length", None),
+    ("act_embed", None),
+    ("norm", None),
+)
+
+
+def get_config(variant="S/16", **overrides):
+  """The full training config for `variant` ("S/16", "L/8", ...) with keyword overrides."""
+  size, patch = variant.split("/")
+  width, depth, heads, mlp_dim, drop_path, lr = VARIANTS[size]
+  c = ml_collections.ConfigDict()
+  c.name = f"vit{size.lower()}{patch}"
+  c.seed = 0
+  c.total_steps = 100_000
+  c.batch_size = 4096  # global, across all devices and processes
+  c.microbatches = 1  # gradient accumulation: the batch is split into this many sequential chunks
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.precision = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+  c.remat = False  # rematerialise each transformer block in the backward pass
+  c.dry_run = False  # build the sharded abstract state, lower the step, print memory, exit
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = unknown (MFU is then left out of the metrics)
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 fills the devices
+  c.sharding_rules = SHARDING_RULES
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant=variant,
+      image_size=256,
+      patch_size=int(patch),
+      channels=6,
+      width=width,
+      depth=depth,
+      num_heads=heads,
+      mlp_dim=mlp_dim,
+      drop_path=drop_path,
+      layerscale_init=1e-4,
+      mask_ratio=0.75,
+      decoder_width=512,
+      decoder_depth=8,
+      decoder_heads=16,
+      fourier_weight=0.01,  # alpha of L = (1 - alpha) MSE + alpha Fourier-magnitude L1
+      channel_agnostic=False,  # CA-MAE (method.md §1.4): shared 1-channel patch embedding
+      max_channels=11,  # CA-MAE positional table covers this many channels
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="lion",  # "lion" (paper) or "adamw"
+      lr=lr,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.95,
+      warmup_fraction=0.1,  # one-cycle: linear warm-up from lr/div_factor, cosine down
+      div_factor=25.0,
+      final_div_factor=1e4,
+      grad_clip_norm=1.0,  # 0 disables clipping
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      manifest=config_dict.placeholder(str),  # unset: in-memory synthetic crops
+      num_workers=2,
+      augment=False,  # flips / 90-degree rotations of crops
+      verify_crc=True,
+      skip_corrupt=False,
+      dtype="uint8",  # bit depth of the stored sites ("uint8" or "uint16")
+  ))
+
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c

@@ -1,0 +1,7 @@
+"""ViT-L/8 MAE on 256x256x6 crops (method.md §1.2)."""
+from configs import common
+
+
+def get_config(arg=None):
+  del arg
+  return common.get_config("L/8")

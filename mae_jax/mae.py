@@ -1,0 +1,196 @@
+"""The masked autoencoder of Kraus et al. (arXiv 2309.16064) in one file, after facebookresearch/mae.
+
+    loss, aux = model(images, key)          # training: mask, encode, decode, loss
+    emb = model.embed(images)               # evaluation: no masking, mean of patch tokens
+
+`images` are raw uint8/uint16 crops (B, H, W, C). Each crop is self-standardised per channel
+(instance norm, eps 1e-5) and the reconstruction target is the standardised image (method.md §2.1).
+The loss is (1 - a) masked MSE + a Fourier-magnitude L1, a = 0.01 (§2.2), averaged over the removed
+tokens only. `channel_agnostic=True` gives CA-MAE (§1.4): one shared 1-channel patch embedding,
+channel-major tokens, any channel count <= max_channels, every (channel, patch) token masked and
+decoded on its own.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mae_jax import vit
+from mae_jax.vit import constrain, param
+
+IN_EPS = 1e-5  # InstanceNorm2d default (biased variance)
+
+
+def standardize(images):
+  """Per-crop, per-channel standardisation of raw pixels to float32 (mean 0, std 1)."""
+  x = images.astype(jnp.float32)
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    x = x / float(jnp.iinfo(images.dtype).max)  # the official /255 (scale of 16-bit alike)
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  var = jnp.square(x - mean).mean(axis=(1, 2), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + IN_EPS)
+
+
+def random_masking(key, batch, length, mask_ratio):
+  """Per-sample random masking by argsort of uniform noise (facebookresearch/mae).
+
+  Returns (ids_keep (B, keep), ids_restore (B, L), mask (B, L) with 1 = removed).
+  """
+  keep = int(length * (1 - mask_ratio))
+  ids_shuffle = jnp.argsort(jax.random.uniform(key, (batch, length)), axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  mask = jnp.take_along_axis((jnp.arange(length) >= keep).astype(jnp.float32)[None].repeat(batch, 0),
+                             ids_restore, axis=1)
+  return ids_shuffle[:, :keep], ids_restore, mask
+
+
+def reconstruction_loss(pred, target, mask, patch, fourier_weight):
+  """(1 - a) MSE + a |FFT2| L1 per token, each a mean over the removed tokens.
+
+  Tokens are (B, L, p*p*C) with channels fastest; the Fourier term is a 2-D FFT of every p x p
+  channel patch (the sensible reading of the official view-based code, method.md §2.2).
+  """
+  mse = jnp.square(pred - target).mean(-1)
+  b, l, f = pred.shape
+  spectrum = lambda t: jnp.abs(jnp.fft.fft2(t.reshape(b, l, patch, patch, f // patch ** 2),
+                                            axes=(2, 3)))
+  fourier = jnp.abs(spectrum(pred) - spectrum(target)).reshape(b, l, f).mean(-1)
+  denom = jnp.maximum(mask.sum(), 1.0)
+  mse, fourier = (mse * mask).sum() / denom, (fourier * mask).sum() / denom
+  return (1 - fourier_weight) * mse + fourier_weight * fourier, mse, fourier
+
+
+class MAE(nnx.Module):
+  """ViT MAE encoder (ParallelScalingBlocks) + 512x8 decoder; CA-MAE by `channel_agnostic`."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, remat=False):
+    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is part of the static graphdef
+    self.cfg, self.dtype = cfg, dtype
+    self.remat = bool(remat)  # issue 4: recompute each block in the backward pass (see _block)
+    p, d, dd = cfg.patch_size, cfg.width, cfg.decoder_width
+    self.grid = cfg.image_size // p
+    self.ca = bool(cfg.channel_agnostic)
+    in_ch = 1 if self.ca else cfg.channels
+    # Patch embedding = Conv(k = s = p) written as a matmul over patchified pixels.
+    self.patch_embed = param(rngs, _patch_init, (p, p, in_ch, d), (None, None, None, "embed"))
+    self.patch_bias = param(rngs, vit.zeros, (d,), ("norm",))
+    self.cls_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, d), (None, None, "embed"))
+    rates = np.linspace(0.0, cfg.drop_path, cfg.depth).tolist()
+    self.drop_rates = tuple(rates)
+    self.blocks = nnx.List([vit.ParallelScalingBlock(d, cfg.num_heads, cfg.mlp_dim, cfg.layerscale_init,
+                                                     rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
+    self.norm = vit.LayerNorm(d, rngs=rngs)
+    self.decoder_embed, self.decoder_embed_bias = vit.linear(rngs, d, dd, ("embed", "mlp"))
+    self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dd), (None, None, "mlp"))
+    if self.ca:  # a learned modality token per channel tells the decoder which channel to paint
+      self.channel_token = param(rngs, vit.zeros, (cfg.max_channels, dd), (None, "mlp"))
+    self.decoder_blocks = nnx.List([vit.Block(dd, cfg.decoder_heads, 4 * dd, rngs=rngs, dtype=dtype)
+                                    for _ in range(cfg.decoder_depth)])
+    self.decoder_norm = vit.LayerNorm(dd, rngs=rngs)
+    out = p * p * in_ch
+    self.decoder_pred, self.decoder_pred_bias = vit.linear(rngs, dd, out, ("mlp", None))
+
+  # -- tokens -------------------------------------------------------------------------------------
+  def _tokens(self, x):
+    """Standardised (B, H, W, C) -> (patch tokens + positions (B, L, d), pixel targets (B, L, F))."""
+    p, c = self.cfg.patch_size, x.shape[-1]
+    if self.ca:  # channel-major: all patches of channel 0, then channel 1, ...
+      if c > self.cfg.max_channels:
+        raise ValueError(f"CA-MAE takes at most {self.cfg.max_channels} channels, got {c}")
+      x = jnp.moveaxis(x, -1, 1).reshape(-1, x.shape[1], x.shape[2], 1)
+    elif c != self.cfg.channels:
+      raise ValueError(f"model expects {self.cfg.channels} channels, got {c}")
+    target = vit.patchify(x, p)
+    grid = x.shape[1] // p
+    if self.ca:
+      target = target.reshape(-1, c * grid * grid, p * p)
+    w = self.patch_embed[...].reshape(-1, self.cfg.width).astype(self.dtype)
+    tokens = target.astype(self.dtype) @ w + self.patch_bias[...].astype(self.dtype)
+    pos = vit.sincos_2d(self.cfg.width, grid, cls=False)
+    pos = np.tile(pos, (c, 1)) if self.ca else pos
+    return tokens.astype(jnp.float32) + pos, target, c
+
+  def _encode(self, tokens, key=None, drop_key=None, upto=None):
+    b = tokens.shape[0]
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.cfg.width))  # CLS position is zero
+    x = constrain(jnp.concatenate([cls, tokens], axis=1), ("batch", "length", "act_embed"))
+    keys = jax.random.split(drop_key, len(self.blocks)) if drop_key is not None else [None] * len(self.blocks)
+    for i, blk in enumerate(self.blocks[:upto]):
+      x = self._block(blk, x, self.drop_rates[i], keys[i])
+    return x
+
+  def _decode(self, x, ids_restore, channels):
+    dt = self.dtype
+    x = x.astype(dt) @ self.decoder_embed[...].astype(dt) + self.decoder_embed_bias[...].astype(dt)
+    b, l = ids_restore.shape
+    fill = jnp.broadcast_to(self.mask_token[...].astype(dt), (b, l + 1 - x.shape[1], x.shape[2]))
+    y = jnp.concatenate([x[:, 1:], fill], axis=1)
+    y = jnp.take_along_axis(y, ids_restore[..., None], axis=1)  # unshuffle to patch order
+    grid = self.grid if not self.ca else int(round((l // channels) ** 0.5))
+    pos = vit.sincos_2d(self.cfg.decoder_width, grid, cls=False)
+    if self.ca:
+      pos = np.tile(pos, (channels, 1)) + jnp.repeat(self.channel_token[...][:channels], grid * grid, 0)
+    y = jnp.concatenate([x[:, :1], y], axis=1).astype(jnp.float32)
+    y = y + jnp.concatenate([jnp.zeros((1, y.shape[-1])), pos])[None]
+    for blk in self.decoder_blocks:
+      y = self._block(blk, y)
+    y = self.decoder_norm(y).astype(dt)
+    pred = y @ self.decoder_pred[...].astype(dt) + self.decoder_pred_bias[...].astype(dt)
+    return pred[:, 1:].astype(jnp.float32)
+
+  def _block(self, blk, x, *args):
+    """blk(x, *args), rematerialised when `remat` (issue 4: activation memory of big models).
+
+    Non-array arguments (the drop rate) are closed over so they stay static under jax.checkpoint.
+    """
+    if not self.remat:
+      return blk(x, *args)
+    return nnx.remat(lambda b, y: b(y, *args))(blk, x)
+
+  # -- public -------------------------------------------------------------------------------------
+  def __call__(self, images, key, *, mask_ratio=None):
+    """Training forward: returns (loss, aux) with aux = mse, fourier, pred, target, mask."""
+    mask_key, drop_key = jax.random.split(key)
+    x = standardize(images)
+    tokens, target, c = self._tokens(x)
+    ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+    ids_keep, ids_restore, mask = random_masking(mask_key, tokens.shape[0], tokens.shape[1], ratio)
+    tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
+    latent = self.norm(self._encode(tokens, drop_key=drop_key))
+    pred = self._decode(latent, ids_restore, c)
+    p = self.cfg.patch_size
+    loss, mse, fourier = reconstruction_loss(pred, target, mask, p, self.cfg.fourier_weight)
+    return loss, dict(mse=mse, fourier=fourier, pred=pred, target=target, mask=mask)
+
+  def embed(self, images, *, pooling="mean", block=None):
+    """Embedding without masking: mean of patch tokens (default) or CLS, after block `block`.
+
+    block=None (or the depth) uses the final block followed by the encoder's LayerNorm; an earlier
+    block (1-based, as in "block 15 of 24") returns that block's raw tokens.
+    """
+    upto = None if block in (None, len(self.blocks)) else int(block)
+    if upto is not None and not 1 <= upto <= len(self.blocks):
+      raise ValueError(f"block must be in 1..{len(self.blocks)}, got {block}")
+    tokens, _, _ = self._tokens(standardize(images))
+    x = self._encode(tokens, upto=upto)
+    if upto is None:
+      x = self.norm(x)
+    if pooling == "cls":
+      return x[:, 0]
+    if pooling != "mean":
+      raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    return x[:, 1:].mean(axis=1)
+
+
+def _patch_init(key, shape, dtype):
+  p, q, c, d = shape  # xavier-uniform on the flattened conv weight, as the MAE recipe does
+  return vit.xavier(key, (p * q * c, d), dtype).reshape(shape)
+
+
+def build_model(model_cfg, *, seed=0, dtype=jnp.float32, remat=False) -> MAE:
+  return MAE(model_cfg, rngs=nnx.Rngs(seed), dtype=dtype, remat=remat)
+
+
+def compute_dtype(precision: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[precision]

@@ -1,0 +1,108 @@
+r"""Model summary from abstract shapes: parameters, tokens, FLOPs per image, memory estimate.
+
+    python -m mae_jax.summary --config=configs/vitl8.py [--config.model.patch_size=16 ...]
+    python -m mae_jax.summary --zoo=README.md   # regenerate the README's model-zoo table
+
+Nothing is allocated (`nnx.eval_shape`), so even ViT-G/8 takes seconds. FLOPs follow the model
+documented in `mae_jax/flops.py`. The last stdout line is one JSON object (contracts.md).
+"""
+import json
+import pathlib
+import re
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from mae_jax import cli, flops, mae
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
+_ZOO = flags.DEFINE_string("zoo", None, "Rewrite the model-zoo table of this README and exit.")
+
+ZOO_CONFIGS = ("vits16", "vitb16", "vitb8", "vitl16", "vitl8", "vitg8", "camae_vits16")
+_BEGIN, _END = "<!-- zoo:begin (python -m mae_jax.summary --zoo=README.md) -->", "<!-- zoo:end -->"
+
+
+def summarize(config) -> dict:
+  """Counts encoder / decoder parameters and derives tokens, FLOPs and memory of `config`."""
+  m = config.model
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: mae.build_model(m))
+  counts = {"encoder": 0, "decoder": 0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
+    part = "decoder" if re.match(r"\.?(decoder|mask_token|channel_token)", _key(path[0])) else "encoder"
+    counts[part] += int(np.prod(leaf.shape))
+  n, keep = flops.tokens(m)
+  f = flops.flops_per_image(m)
+  params = counts["encoder"] + counts["decoder"]
+  moments = 1 if config.optimizer.name == "lion" else 2
+  return {
+      "config": config.get("name", m.variant),
+      "variant": m.variant,
+      "encoder_params": counts["encoder"],
+      "decoder_params": counts["decoder"],
+      "image_size": m.image_size,
+      "patch_size": m.patch_size,
+      "channels": m.channels,
+      "channel_agnostic": bool(m.channel_agnostic),
+      "width": m.width,
+      "depth": m.depth,
+      "heads": m.num_heads,
+      "tokens": n,
+      "kept_tokens": keep,
+      "mask_ratio": m.mask_ratio,
+      "train_gflops_per_image": f["train"] / 1e9,
+      "embed_gflops_per_image": f["embed"] / 1e9,
+      # fp32 parameters + optimiser moments (Lion keeps one, AdamW two); activations not included.
+      "state_gib": params * 4 * (1 + moments) / 2 ** 30,
+  }
+
+
+def _key(k):
+  return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def zoo_table(rows) -> str:
+  lines = ["| config | encoder | decoder | patch | tokens (kept) | train GFLOP/img | embed GFLOP/img | params+opt GiB |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| `{r['config']}` | {r['encoder_params'] / 1e6:,.1f} M | {r['decoder_params'] / 1e6:,.1f} M "
+                 f"| {r['patch_size']} | {r['tokens']} ({r['kept_tokens']}) | {r['train_gflops_per_image']:,.1f} "
+                 f"| {r['embed_gflops_per_image']:,.1f} | {r['state_gib']:.2f} |")
+  return "\n".join(lines)
+
+
+def write_zoo(readme: pathlib.Path):
+  import importlib
+  rows = [summarize(importlib.import_module(f"configs.{name}").get_config()) for name in ZOO_CONFIGS]
+  text = readme.read_text()
+  if _BEGIN not in text or _END not in text:
+    raise ValueError(f"{readme}: no model-zoo markers {_BEGIN!r} ... {_END!r}")
+  head, rest = text.split(_BEGIN, 1)
+  tail = rest.split(_END, 1)[1]
+  readme.write_text(f"{head}{_BEGIN}\n{zoo_table(rows)}\n{_END}{tail}")
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _ZOO.value:
+    rows = write_zoo(pathlib.Path(_ZOO.value))
+    print(json.dumps({"zoo": [r["config"] for r in rows], "readme": _ZOO.value}))
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/vits16.py")
+  s = summarize(_CONFIG.value)
+  print(f"{s['config']}: encoder {s['encoder_params'] / 1e6:,.1f} M, decoder {s['decoder_params'] / 1e6:,.1f} M "
+        f"params; {s['tokens']} tokens ({s['kept_tokens']} kept); "
+        f"{s['train_gflops_per_image']:,.1f} GFLOP/image per train step, "
+        f"{s['embed_gflops_per_image']:,.1f} GFLOP/image to embed", file=sys.stderr)
+  print(json.dumps(s))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,161 @@
+"""ViT building blocks of the MAE (Flax NNX): sin-cos tables, ParallelScalingBlock, decoder Block.
+
+Every parameter carries logical axis names (see `configs/common.py: SHARDING_RULES`); the model
+itself knows nothing of meshes. Compute runs in `dtype` (float32 or bfloat16) with float32
+parameters; LayerNorms, softmax statistics and the residual stream stay float32.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+
+LN_EPS = 1e-6  # every LayerNorm of the official model, including qk-norm (method.md §8.2)
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def constrain(x, names):
+  """Sharding constraint by logical names; a no-op outside a mesh (tests, summary, eval on 1 CPU)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spmd.apply_rules(names, spmd.get_logical_axis_rules()))
+
+
+def param(rngs, init, shape, names, dtype=jnp.float32):
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def sincos_2d(width: int, grid: int, cls: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos table (grid*grid [+1 zero CLS row], width), 'ij' grid flattened row-major.
+
+  Each quarter of the width is [sin(h w), cos(h w), sin(w w), cos(w w)] with frequencies
+  w_i = 10000^(-i / (width/4)) (method.md §1.4).
+  """
+  assert width % 4 == 0, width
+  omega = 10000.0 ** (-np.arange(width // 4) / (width // 4))
+  h, w = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  h, w = h.reshape(-1, 1) * omega, w.reshape(-1, 1) * omega
+  table = np.concatenate([np.sin(h), np.cos(h), np.sin(w), np.cos(w)], axis=1)
+  if cls:
+    table = np.concatenate([np.zeros((1, width)), table])
+  return table.astype(np.float32)
+
+
+class LayerNorm(nnx.Module):
+  """Affine LayerNorm over the last axis, computed in float32."""
+
+  def __init__(self, dim, *, rngs, names=("norm",)):
+    self.scale = param(rngs, ones, (dim,), names)
+    self.bias = param(rngs, zeros, (dim,), names)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale + self.bias
+
+
+def drop_path(x, rate, key):
+  """Stochastic depth: drops the whole residual branch of a sample with probability `rate`."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v over (B, N, H, hd) heads, stats in float32."""
+  return jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
+
+
+class ParallelScalingBlock(nnx.Module):
+  """timm ParallelScalingBlock as trained by Kraus et al. (method.md §1.3).
+
+  One fused input projection W_in (d, h + 3d) feeds the MLP and attention in parallel; its output
+  is split [mlp_in (h) | q (d) | k (d) | v (d)]. With qkv_bias=False timm's fused bias is
+  [0 (3d) || mlp_bias (h)], i.e. the trainable bias covers columns 3d .. h+3d-1: the last h-3d MLP
+  columns plus q, k and v. This is reproduced exactly so timm weights port 1:1. qk-norm is a
+  LayerNorm over head_dim shared across heads; ONE LayerScale multiplies the sum of both branches;
+  GELU is the exact erf form.
+  """
+
+  def __init__(self, dim, heads, mlp_dim, layerscale_init, *, rngs, dtype=jnp.float32):
+    self.heads, self.mlp_dim, self.dtype = heads, mlp_dim, dtype
+    self.norm = LayerNorm(dim, rngs=rngs)
+    self.in_proj = param(rngs, xavier, (dim, mlp_dim + 3 * dim), ("embed", "mlp"))
+    self.mlp_bias = param(rngs, zeros, (mlp_dim,), ("mlp",))
+    self.q_norm = LayerNorm(dim // heads, rngs=rngs)
+    self.k_norm = LayerNorm(dim // heads, rngs=rngs)
+    self.attn_out = param(rngs, xavier, (dim, dim), ("heads", "embed"))
+    self.attn_out_bias = param(rngs, zeros, (dim,), ("norm",))
+    self.mlp_out = param(rngs, xavier, (mlp_dim, dim), ("mlp", "embed"))
+    self.mlp_out_bias = param(rngs, zeros, (dim,), ("norm",))
+    self.gamma = param(rngs, nnx.initializers.constant(layerscale_init), (dim,), ("norm",))
+
+  def __call__(self, x, drop_rate=0.0, key=None):
+    b, n, d = x.shape
+    h, dt = self.mlp_dim, self.dtype
+    bias = jnp.concatenate([jnp.zeros((3 * d,), dt), self.mlp_bias[...].astype(dt)])
+    z = self.norm(x).astype(dt) @ self.in_proj[...].astype(dt) + bias
+    m = constrain(z[..., :h], ("batch", "length", "mlp"))
+    heads = lambda t: constrain(t.reshape(b, n, self.heads, d // self.heads),
+                                ("batch", "length", "heads", None))
+    q = self.q_norm(heads(z[..., h:h + d])).astype(dt)
+    k = self.k_norm(heads(z[..., h + d:h + 2 * d])).astype(dt)
+    a = attention(q, k, heads(z[..., h + 2 * d:])).reshape(b, n, d)
+    a = a @ self.attn_out[...].astype(dt) + self.attn_out_bias[...].astype(dt)
+    m = jax.nn.gelu(m, approximate=False) @ self.mlp_out[...].astype(dt) + self.mlp_out_bias[...].astype(dt)
+    branch = (a + m).astype(jnp.float32) * self.gamma
+    return x + drop_path(branch, drop_rate, key)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block of the decoder (timm Block: qkv bias, no LayerScale)."""
+
+  def __init__(self, dim, heads, mlp_dim, *, rngs, dtype=jnp.float32):
+    self.heads, self.dtype = heads, dtype
+    self.norm1 = LayerNorm(dim, rngs=rngs)
+    self.qkv = param(rngs, _qkv_init, (dim, 3, dim), ("embed", None, "heads"))
+    self.qkv_bias = param(rngs, zeros, (3, dim), (None, "heads"))
+    self.proj = param(rngs, xavier, (dim, dim), ("heads", "embed"))
+    self.proj_bias = param(rngs, zeros, (dim,), ("norm",))
+    self.norm2 = LayerNorm(dim, rngs=rngs)
+    self.fc1 = param(rngs, xavier, (dim, mlp_dim), ("embed", "mlp"))
+    self.fc1_bias = param(rngs, zeros, (mlp_dim,), ("mlp",))
+    self.fc2 = param(rngs, xavier, (mlp_dim, dim), ("mlp", "embed"))
+    self.fc2_bias = param(rngs, zeros, (dim,), ("norm",))
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    dt = self.dtype
+    y = self.norm1(x).astype(dt)
+    qkv = jnp.einsum("bnd,dke->bnke", y, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
+    q, k, v = (qkv[:, :, i].reshape(b, n, self.heads, d // self.heads) for i in range(3))
+    a = attention(q, k, v).reshape(b, n, d) @ self.proj[...].astype(dt) + self.proj_bias[...].astype(dt)
+    x = x + a.astype(jnp.float32)
+    y = self.norm2(x).astype(dt)
+    h = jax.nn.gelu(y @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt), approximate=False)
+    h = constrain(h, ("batch", "length", "mlp"))
+    return x + (h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)).astype(jnp.float32)
+
+
+def _qkv_init(key, shape, dtype):
+  d, k, e = shape
+  return xavier(key, (d, k * e), dtype).reshape(shape)
+
+
+def linear(rngs, din, dout, names):
+  """(kernel, bias) of a plain Linear layer with logical names."""
+  return param(rngs, xavier, (din, dout), names), param(rngs, zeros, (dout,), names[1:])
+
+
+@functools.partial(jax.named_call, name="patchify")
+def patchify(x, p):
+  """(B, H, W, C) -> (B, (H/p)(W/p), p*p*C): row-major patches, (row, col, channel) inside."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
