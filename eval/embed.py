@@ -1,0 +1,97 @@
+"""Embed every well of a prepared dataset with an MAE encoder: tiles -> sites -> wells.
+
+Each site is cut into non-overlapping crops of the model's image size (four 256² tiles of a 512²
+site, 64 of a 2048² one), crops are embedded in batches sharded over all local devices (mean of
+patch tokens by default; CLS or an earlier block by flag), tile embeddings are averaged to the site
+and sites to the well (method.md §3.1-3.2).
+"""
+import sys
+import time
+
+import jax
+from absl import logging
+import numpy as np
+import pandas as pd
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from mae_jax import checkpointing, input_pipeline, sharding
+
+WELL_COLUMNS = ("well_id", "experiment", "plate", "well", "perturbation", "gene", "perturbation_type",
+                "is_control", "concentration", "smiles", "cell_type")
+
+
+def data_parallel_mesh() -> Mesh:
+  """All local devices on the data axis (evaluation replicates the parameters)."""
+  devices = np.asarray(jax.local_devices())
+  return Mesh(devices.reshape(len(devices), 1, 1), sharding.MESH_AXES)
+
+
+def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, batch_size=32,
+                   progress=True):
+  """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`."""
+  mesh = mesh or data_parallel_mesh()
+  n_dev = mesh.devices.size
+  batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
+  graphdef, state = nnx.split(model)
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  images_sharding = NamedSharding(mesh, P(sharding.MESH_AXES[0]))
+
+  @jax.jit
+  def embed(state, images):
+    return nnx.merge(graphdef, state).embed(images, pooling=pooling, block=block)
+
+  cfg = model.cfg
+  metadata = input_pipeline.site_metadata(manifest)
+  sums, counts = None, np.zeros(len(metadata), np.int64)
+  bar = tqdm(total=len(metadata), unit="site", disable=not (progress and sys.stderr.isatty()),
+             file=sys.stderr, desc="embedding")
+  start, crops = time.perf_counter(), 0
+  for batch in input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size, batch_size=batch_size,
+                                         expect_channels=None if cfg.channel_agnostic else cfg.channels):
+    images, sites = batch["image"], batch["site"]
+    n = len(images)
+    if n < batch_size:  # pad the last batch: one compiled shape, even split over devices
+      images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
+    emb = np.asarray(embed(state, jax.device_put(images, images_sharding)), np.float32)[:n]
+    if sums is None:
+      sums = np.zeros((len(metadata), emb.shape[1]), np.float64)
+    np.add.at(sums, sites, emb)
+    np.add.at(counts, sites, 1)
+    crops += n
+    bar.update(int(np.unique(sites).size))
+    bar.set_postfix(crops_per_s=f"{crops / (time.perf_counter() - start):.1f}")
+  bar.close()
+  seconds = time.perf_counter() - start
+  logging.info("embedded %d crops of %d sites in %.1f s (%.1f crops/s)", crops, len(metadata),
+               seconds, crops / max(seconds, 1e-9))
+  if sums is None:
+    raise ValueError(f"{manifest}: no site could be embedded")
+  seen = counts > 0
+  return (sums[seen] / counts[seen, None]).astype(np.float32), [m for m, s in zip(metadata, seen) if s]
+
+
+def wells_from_sites(site_emb, site_meta):
+  """Averages the sites of each well: (well embeddings (W, D), well metadata DataFrame)."""
+  meta = pd.DataFrame(site_meta)
+  if "well_id" not in meta or (meta["well_id"].astype(str) == "").any():
+    meta["well_id"] = [f"{m.get('experiment', '')}_{m.get('plate', '')}_{m.get('well', '')}"
+                       for m in site_meta]
+  codes, wells = pd.factorize(meta["well_id"])
+  sums = np.zeros((len(wells), site_emb.shape[1]), np.float64)
+  np.add.at(sums, codes, site_emb)
+  emb = (sums / np.bincount(codes)[:, None]).astype(np.float32)
+  first = meta.groupby(codes, sort=True).first().reset_index(drop=True)
+  return emb, first[[c for c in WELL_COLUMNS if c in first] +
+                    [c for c in first if c not in WELL_COLUMNS]]
+
+
+def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, progress=True):
+  """Restores the encoder of `ckpt` and embeds every well of `manifest` (eval.recall --ckpt)."""
+  mesh = data_parallel_mesh()
+  model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
+  site_emb, site_meta = embed_manifest(model, manifest, mesh=mesh, pooling=pooling, block=block,
+                                       batch_size=batch_size, progress=progress)
+  return wells_from_sites(site_emb, site_meta)
