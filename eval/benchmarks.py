@@ -6,8 +6,13 @@ r_left/right = searchsorted(sorted null, q, side) / |null|.
 
 It is computed exactly without holding the N(N-1)/2 null: a query is in the low tail iff
 #(null <= q) <= k_lo, i.e. iff q < null_sorted[k_lo], and in the high tail iff #(null < q) >= k_hi,
-i.e. iff null_sorted[k_hi - 1] < q. So only a few order statistics of the null are needed, and they
-are found by a radix select over the float32 bit patterns while streaming tiles of S.
+i.e. iff null_sorted[k_hi - 1] < q (k_lo, k_hi from the same float64 divisions). So only a few
+order statistics of the null are needed. They are found in one streamed pass over fixed-shape tiles
+of the upper triangle of S (a JAX GEMM per tile; the next tile computes while the host counts):
+a row sample brackets each wanted order statistic, every tile adds its entry counts per bracket
+code and hands over the few entries inside a bracket, and the exact value is read off the sorted
+bracket contents. A bracket that misses falls back to an exact radix select (two more passes).
+Memory is O(tile + bracket contents), never O(N^2).
 
 Identical values: S is defined as the output of one jitted tile function (`similarity_tile`) with a
 fixed tile shape, evaluated on the same padded, normalised embeddings. Query similarities are read

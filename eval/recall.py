@@ -11,9 +11,11 @@ line is recall.json. In-process: `score_wells(emb, meta, **options)` / `score_ma
 
 Choices: a source with fewer than 20 of its genes in the map is reported as skipped (recall
 null, with the reason) unless --sources was given explicitly, in which case it is an error.
-Arm centring uses unexpressed genes (zFPKM < -3) of --expression (a CSV with gene,zFPKM, or
-`u2os` for the public U2OS proxy); without it, the mean over all map genes on the arm
-(method.md §9.8). Duplicate map labels always raise.
+Arm centring (default "auto") uses the unexpressed genes (zFPKM < -3) of --expression (a CSV
+with gene,zFPKM, or `u2os` for the public U2OS proxy) and is skipped without one; an explicit
+--arm_correction=true without --expression centres on the mean of all map genes on the arm
+(the fallback of method.md §9.8); --arm_correction=false turns it off. Duplicate map labels
+always raise.
 """
 import json
 import os
@@ -29,7 +31,7 @@ from eval import tables
 from mae_jax import resources
 
 DEFAULTS = dict(batch_correction="tvn", coral=True, batch_key="experiment",
-                control="EMPTY_control", arm_correction=True, expression=None,
+                control="EMPTY_control", arm_correction="auto", expression=None,
                 sources=resources.SOURCES, annotations_dir=None, aggregation="mean",
                 perturbation_types=None, thresholds=benchmarks.THRESHOLDS,
                 min_entities=benchmarks.MIN_ENTITIES, strict_sources=False, pairs_by_source=None)
@@ -92,12 +94,17 @@ def score_map(labels, x, **options) -> dict:
   labels = np.asarray(labels).astype(str)
   benchmarks.check_labels(labels)
   x = np.asarray(x, np.float32)
-  out = {"arm_correction": {"mode": None}}
-  if o["arm_correction"]:
+  expression = load_expression(o["expression"])
+  arm = o["arm_correction"]
+  out = {"arm_correction": {"mode": None, "skipped": "arm_correction=false"}}
+  if arm == "auto" and expression is None:
+    out["arm_correction"]["skipped"] = ("no expression table for the unexpressed-gene arm means; "
+                                        "pass arm_correction=true to centre on all genes")
+  elif arm:
     arms = resources.gene_arms()
     related = set().union(*map(set, pairs.values())) if pairs else set()
     before = correct.arm_mates_cosine(labels, x, arms, related)
-    x, info = correct.arm_correct(labels, x, arms, load_expression(o["expression"]))
+    x, info = correct.arm_correct(labels, x, arms, expression)
     out["arm_correction"] = {**info, "arm_mates_before": before,
                              "arm_mates_after": correct.arm_mates_cosine(labels, x, arms,
                                                                          related)}
@@ -249,7 +256,9 @@ def _define_flags():
   flags.DEFINE_string("batch_key", "experiment", "batch column(s), comma-separated "
                       "(experiment_name is accepted for experiment)")
   flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells")
-  flags.DEFINE_bool("arm_correction", True, "chromosome-arm centring of the gene map")
+  flags.DEFINE_bool("arm_correction", None, "chromosome-arm centring of the gene map; by default "
+                    "only with --expression (unexpressed-gene arm means); =true without "
+                    "--expression centres on the mean of all map genes per arm")
   flags.DEFINE_string("expression", None, "CSV with gene,zFPKM (or 'u2os') for arm centring "
                       "on unexpressed genes and the consistency null")
   flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (with --ckpt)")
@@ -279,7 +288,8 @@ def run(flag_values) -> dict:
   if bool(f.embeddings) == bool(f.ckpt):
     raise ValueError("give exactly one of --embeddings=FILE or --ckpt=DIR (with --manifest)")
   options = dict(batch_correction=f.batch_correction, coral=f.coral, batch_key=f.batch_key,
-                 control=f.control, arm_correction=f.arm_correction, expression=f.expression,
+                 control=f.control, expression=f.expression,
+                 arm_correction="auto" if f.arm_correction is None else f.arm_correction,
                  sources=tuple(f.sources), annotations_dir=f.annotations_dir,
                  aggregation=f.aggregation, perturbation_types=f.perturbation_types,
                  min_entities=f.min_entities, strict_sources=f["sources"].present)

@@ -101,8 +101,8 @@ def test_cli_end_to_end_rxrx3_core(screen, tmp_path):
   assert last["sources"]["SIGNOR"]["recall_0.1_0.9"] is None
   assert "fewer than 20" in last["sources"]["SIGNOR"]["skipped"]
   assert last["batch_correction"]["method"] == "tvn" and last["batch_correction"]["coral"]
-  assert last["arm_correction"]["mode"] == "all_genes"
-  assert last["arm_correction"]["arms_corrected"] == 0  # 20 genes per arm is not > 20
+  assert last["arm_correction"]["mode"] is None  # no --expression: skipped unless asked for
+  assert "no expression table" in last["arm_correction"]["skipped"]
   assert sorted(p.name for p in out.iterdir()) == ["gene_embeddings.npz", "recall.csv",
                                                    "recall.json", "recall.png"]
   with np.load(out / "gene_embeddings.npz") as z:
@@ -123,7 +123,6 @@ def test_cli_user_errors_one_line(screen, tmp_path):
   cases = [
       ([emb, f"--out={tmp_path}/a", "--batch_correction=zca"] + base, "batch_correction"),
       ([f"--embeddings={tmp_path}/missing.parquet", f"--out={tmp_path}/b"] + base, "not found"),
-      ([emb, f"--out={tmp_path}/c", "--batch_key=donor"] + base, "donor"),
       ([emb, f"--out={tmp_path}/d", "--sources=CORUM,SIGNOR"] + base, "SIGNOR"),
   ]
   for args, needle in cases:
@@ -154,7 +153,10 @@ def test_score_wells_in_process_methods(screen):
   root, genes = screen
   x, meta, _, _ = tables.load_embeddings(f"{root}/OpenPhenom_rxrx3_core_embeddings.parquet",
                                          f"{root}/metadata_rxrx3_core.csv")
+  x = x[:, :64]  # the first 64 OpenPhenom features keep the eigh calls small
   pairs = {s: resources.load_relationships(s, f"{root}/annotations") for s in ("CORUM",)}
+  with pytest.raises(tables.TableError, match="batch key column 'donor' not in the metadata"):
+    recall.score_wells(x, meta, batch_key="donor", pairs_by_source=pairs)
   scores = {}
   for method in ("none", "tvn", "pca_centerscale"):
     res = recall.score_wells(x, meta, batch_correction=method, pairs_by_source=pairs,
@@ -164,7 +166,28 @@ def test_score_wells_in_process_methods(screen):
   assert scores["tvn"] >= scores["none"] and scores["pca_centerscale"] >= scores["none"]
   # a map table (one row per perturbation) with expression: unexpressed-gene arm centring
   expr = {g: -5.0 for g in genes}
-  res = recall.score_map(genes, np.random.default_rng(0).standard_normal((len(genes), 8)),
-                         pairs_by_source=pairs, expression=expr, min_entities=2)
+  gmap = np.random.default_rng(0).standard_normal((len(genes), 8))
+  res = recall.score_map(genes, gmap, pairs_by_source=pairs, expression=expr, min_entities=2)
   assert res["arm_correction"]["mode"] == "unexpressed"
   assert res["sources"]["CORUM"]["pairs"] == len(genes) // 2
+  res = recall.score_map(genes, gmap, pairs_by_source=pairs, arm_correction=True)
+  assert res["arm_correction"]["mode"] == "all_genes"
+  assert res["arm_correction"]["arms_corrected"] == 0  # 20 genes per arm is not > 20
+
+
+def test_map_tables_npz_and_csv(tmp_path):
+  rng = np.random.default_rng(1)
+  genes = _genes(30)
+  x = rng.standard_normal((30, 6)).astype(np.float32)
+  np.savez(tmp_path / "map.npz", embeddings=x, labels=np.array(genes))
+  pd.DataFrame({"gene": genes, **{f"emb_{k}": x[:, k] for k in range(6)}}).to_csv(
+      tmp_path / "map.csv", index=False)
+  for name in ("map.npz", "map.csv"):
+    got, meta, level, _ = tables.load_embeddings(tmp_path / name)
+    assert level == "perturbations" and list(meta["perturbation"]) == genes
+    np.testing.assert_allclose(got, x, rtol=1e-6)
+  with pytest.raises(tables.TableError, match="no well_id column to join"):
+    tables.load_embeddings(tmp_path / "map.csv", tmp_path / "map.csv")
+  np.savez(tmp_path / "bad.npz", other=x)
+  with pytest.raises(tables.TableError, match="bad.npz: no 2-D array"):
+    tables.load_embeddings(tmp_path / "bad.npz")
