@@ -116,7 +116,7 @@ def score_map(labels, x, **options) -> dict:
       src.update({k: None for k in keys})
   return {"n_perturbations": rec["n_perturbations"], "sources": rec["sources"],
           "null_pairs": rec["null_pairs"], **out,
-          "chance": {k: lo + 1 - hi for k, (lo, hi) in zip(keys, o["thresholds"])},
+          "chance": {k: round(lo + 1 - hi, 12) for k, (lo, hi) in zip(keys, o["thresholds"])},
           "seconds_recall": round(time.perf_counter() - t0, 3),
           "_map": {"labels": labels, "embeddings": x}}
 
@@ -155,7 +155,8 @@ def score_wells(emb, meta, **options) -> dict:
                                         o["perturbation_types"])
   expression = load_expression(o["expression"])
   result = score_map(labels, gmap, **{**{k: o[k] for k in _MAP_KEYS}, "expression": expression})
-  result["consistency"] = _consistency(x, meta, o["control"], expression)
+  result["consistency"] = _consistency(x, meta, o["control"], expression,
+                                       o["perturbation_types"])
   result.update(batch_correction=info, n_wells=int(len(x)),
                 seconds_correction=round(seconds_correction, 3))
   result["settings"] = _settings(o)
@@ -173,10 +174,13 @@ def _check_sources(labels, pairs_by_source, min_entities):
           f"source {src}: {n} of its genes in the map, fewer than {max(min_entities, 2)}")
 
 
-def _consistency(x, meta, control, expression):
+def _consistency(x, meta, control, expression, perturbation_types=None):
   if expression is None:
     return {"skipped": "needs --expression: the null is the unexpressed genes (zFPKM < -3)"}
   keep = ~agg.excluded_from_map(meta, control)
+  if perturbation_types:
+    wanted = {t.upper() for t in perturbation_types}
+    keep &= meta["perturbation_type"].astype(str).str.upper().isin(wanted).to_numpy()
   labels = agg.map_labels(meta)[keep]
   negatives = {g for g in set(labels) if expression.get(g, 0.0) < correct.UNEXPRESSED_ZFPKM}
   return benchmarks.replicate_consistency(x[keep], labels, negatives)
@@ -323,6 +327,8 @@ def run(flag_values) -> dict:
 
 def main(argv):
   from absl import flags
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # keep stderr for warnings and the error line
   if len(argv) > 1:
     print(f"eval.recall: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
