@@ -40,7 +40,7 @@ def recall_key(lo, hi) -> str:
 
 
 def percentile_recall(null, queries, thresholds=THRESHOLDS) -> dict:
-  """EFAAR's compute_recall, literally: full sort of the null + searchsorted (the reference core)."""
+  """EFAAR compute_recall, literally: full sort of the null + searchsorted (the reference core)."""
   null = np.sort(np.asarray(null).ravel())
   q = np.asarray(queries).ravel()
   r_left = np.searchsorted(null, q, side="left") / len(null)

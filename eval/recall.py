@@ -267,7 +267,7 @@ def _define_flags():
                       "on unexpressed genes and the consistency null")
   flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (with --ckpt)")
   flags.DEFINE_integer("block", None, "encoder block to embed from (with --ckpt; default last)")
-  flags.DEFINE_integer("batch_size", 64, "crops per embedding batch (with --ckpt)")
+  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch (with --ckpt)")
   flags.DEFINE_list("sources", list(resources.SOURCES), "relationship sources to score")
   flags.DEFINE_string("annotations_dir", None, "folder with {source}.txt annotation files")
   flags.DEFINE_enum("aggregation", "mean", ["mean", "median"], "wells -> perturbation")

@@ -1,4 +1,4 @@
-"""`python -m eval.recall --embeddings` end to end on a tiny screen in the exact RxRx3-core format."""
+"""`python -m eval.recall --embeddings` end to end on a tiny screen in the RxRx3-core format."""
 import json
 import os
 import subprocess
