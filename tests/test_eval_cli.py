@@ -191,3 +191,40 @@ def test_map_tables_npz_and_csv(tmp_path):
   np.savez(tmp_path / "bad.npz", other=x)
   with pytest.raises(tables.TableError, match="bad.npz: no 2-D array"):
     tables.load_embeddings(tmp_path / "bad.npz")
+
+
+class _Flags(dict):
+  """Stands in for absl FlagValues in `recall.run` (attribute access + flag.present)."""
+
+  def __getattr__(self, name):
+    return dict.__getitem__(self, name)
+
+  def __getitem__(self, name):
+    if name == "sources":
+      return type("F", (), {"present": False})()
+    return dict.__getitem__(self, name)
+
+
+def test_ckpt_branch_calls_embed_wells(screen, tmp_path, monkeypatch):
+  root, genes = screen
+  x, meta, _, _ = tables.load_embeddings(f"{root}/OpenPhenom_rxrx3_core_embeddings.parquet",
+                                         f"{root}/metadata_rxrx3_core.csv")
+  calls = []
+
+  def fake_embed_wells(ckpt, manifest, **kw):
+    calls.append((ckpt, manifest, kw))
+    return x[:, :32], meta
+
+  import eval.embed  # noqa: F401  (the real module; only embed_wells is replaced)
+  monkeypatch.setattr("eval.embed.embed_wells", fake_embed_wells)
+  f = _Flags(out=str(tmp_path / "o"), embeddings=None, metadata=None, ckpt="/w/ckpt",
+             manifest="/d/manifest.json", pooling="cls", block=3, batch_size=16,
+             batch_correction="tvn", coral=True, batch_key="experiment", control="EMPTY_control",
+             arm_correction=None, expression=None, sources=["CORUM"],
+             annotations_dir=f"{root}/annotations", aggregation="median",
+             perturbation_types=["CRISPR"], min_entities=20, title="ckpt test")
+  data = recall.run(f)
+  assert calls == [("/w/ckpt", "/d/manifest.json",
+                    {"pooling": "cls", "block": 3, "batch_size": 16})]
+  assert data["n_perturbations"] == len(genes) and data["settings"]["aggregation"] == "median"
+  assert (tmp_path / "o" / "recall.json").exists()
