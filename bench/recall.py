@@ -116,8 +116,14 @@ def _spawn(kind, data_dir):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line on stderr, no usage dump
+    sys.exit(f"bench.recall: {message}")
+
+
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = _Parser(description=__doc__.splitlines()[0])
   ap.add_argument("--perturbations", type=int, default=17000)
   ap.add_argument("--dims", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=1)
@@ -125,6 +131,8 @@ def main():
   ap.add_argument("--child", choices=["ours", "reference", "same_s"], help=argparse.SUPPRESS)
   ap.add_argument("--data", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.perturbations < 2 or args.dims < 1 or args.repeats < 1:
+    ap.error("--perturbations must be >= 2, --dims and --repeats >= 1")
   if args.child:
     return child(args.child, args.data)
   from bench import common
