@@ -79,10 +79,9 @@ def wells_from_sites(site_emb, site_meta):
   if "well_id" not in meta or (meta["well_id"].astype(str) == "").any():
     meta["well_id"] = [f"{m.get('experiment', '')}_{m.get('plate', '')}_{m.get('well', '')}"
                        for m in site_meta]
-  codes, wells = pd.factorize(meta["well_id"])
-  sums = np.zeros((len(wells), site_emb.shape[1]), np.float64)
-  np.add.at(sums, codes, site_emb)
-  emb = (sums / np.bincount(codes)[:, None]).astype(np.float32)
+  codes, _ = pd.factorize(meta["well_id"])
+  emb = pd.DataFrame(site_emb, dtype=np.float64).groupby(codes, sort=True).mean()
+  emb = emb.to_numpy(np.float32)
   first = meta.groupby(codes, sort=True).first().reset_index(drop=True)
   return emb, first[[c for c in WELL_COLUMNS if c in first] +
                     [c for c in first if c not in WELL_COLUMNS]]

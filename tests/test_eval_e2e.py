@@ -82,3 +82,12 @@ def test_train_then_recall_from_checkpoint(tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
   assert not (tmp_path / "eval_bad").exists()
+
+
+def test_wells_average_their_sites_in_first_seen_order():
+  from eval.embed import wells_from_sites
+  emb = np.arange(12, dtype=np.float32).reshape(4, 3)
+  sites = [{"well_id": w, "experiment": e} for w, e in (("b", "x"), ("a", "x"), ("b", "x"), ("c", "y"))]
+  wells, meta = wells_from_sites(emb, sites)
+  np.testing.assert_array_equal(wells, [[3, 4, 5], [3, 4, 5], [9, 10, 11]])
+  assert list(meta["well_id"]) == ["b", "a", "c"] and list(meta["experiment"]) == ["x", "x", "y"]
