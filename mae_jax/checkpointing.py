@@ -85,8 +85,15 @@ class Checkpointer:
     return self._mngr.reached_preemption(step)
 
   def check_for_errors(self):
-    """Raises the error of a finished background save, if any (never swallowed)."""
+    """Raises the error of a finished background save, if any (never swallowed).
+
+    The manager's own check only covers the async writer; a failed finalisation (rename,
+    commit) is kept by its finalize thread and re-raised by wait_until_finished, which returns
+    at once when no save is in flight.
+    """
     self._mngr.check_for_errors()
+    if not self._mngr.is_saving_in_progress():
+      self._mngr.wait_until_finished()
 
   def wait_until_finished(self):
     self._mngr.wait_until_finished()

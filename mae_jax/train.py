@@ -190,7 +190,7 @@ def make_train_step(graphdef, tx, config, batch_axes=("data", "fsdp")):
       total, _ = jax.lax.scan(accumulate, zeros, (chunks, jnp.arange(micro)))
       grads, loss, mse, fourier = jax.tree.map(lambda t: t / micro, total)
     updates, opt_state = tx.update(grads, state["opt"], params)
-    metrics = dict(loss=loss, mse=mse, fourier=fourier, grad_norm=optax.global_norm(grads),
+    metrics = dict(loss=loss, mse=mse, fourier=fourier, grad_norm=optax.tree.norm(grads),
                    lr=lr_fn(step))
     return dict(model=optax.apply_updates(params, updates), opt=opt_state, step=step + 1), metrics
 

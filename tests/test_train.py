@@ -1,0 +1,305 @@
+"""`python -m mae_jax.main` end to end on 8 fake CPU devices: meshes, exact resume, SIGTERM, NaN,
+dry runs of every real config, plus the train step's microbatching and remat in-process.
+
+Runs share one persistent compilation cache and JAX_DISABLE_MOST_OPTIMIZATIONS, and every run
+uses the same schedule (total_steps=200, stopped early with --stop_at), so a mesh compiles once.
+"""
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import camae_vits16, tiny, vitb16, vitb8, vitg8, vitl16, vitl8, vits16
+from mae_jax import checkpointing, sharding, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/tiny.py", "--config.total_steps=200", "--config.log_every=1",
+        "--config.checkpoint_every=100", "--config.optimizer.warmup_fraction=0.01",
+        "--config.optimizer.lr=3e-3"]
+MESHES = {"data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+
+
+def mesh_flags(shape):
+  return [f"--config.mesh.{a}={n}" for a, n in zip(sharding.MESH_AXES, shape)]
+
+
+def main_env(cache_dir, devices=8):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(REPO))
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def run_main(args, cache_dir, *, timeout=300):
+  proc = subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=REPO, timeout=timeout,
+                        env=main_env(cache_dir), capture_output=True, text=True)
+  return proc
+
+
+def result_of(proc):
+  assert proc.stdout.strip(), proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """In-process compiles with fewer XLA passes (restored afterwards)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+  """An uninterrupted 10-step run on data=8: the yardstick of every resume."""
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = run_main([*TINY, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return losses(reference_run[0])
+
+
+# -- sharding -----------------------------------------------------------------------------------
+def _expected_spec(variable, rules, mesh):
+  spec = sharding.logical_to_mesh(variable.get_metadata()["out_sharding"], rules)
+  return jax.sharding.NamedSharding(mesh, spec).spec
+
+
+def test_params_and_moments_are_sharded_as_the_rules_say(devices, fast_compiles):
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  config = tiny.get_config()
+  rules = sharding.normalize_rules(config.sharding_rules)
+  for shape in MESHES.values():
+    config.mesh.update(dict(zip(sharding.MESH_AXES, shape)))
+    mesh = sharding.make_mesh(config.mesh)
+    _, _, abstract, init = train.build_state(config, mesh)
+    adam = abstract["opt"][1][0]  # chain(clip, adamw): ScaleByAdamState(count, mu, nu)
+    params = jax.tree.leaves(abstract["model"], is_leaf=is_var)
+    for moments in (adam.mu, adam.nu):
+      for param, moment in zip(params, jax.tree.leaves(moments, is_leaf=is_var)):
+        assert param.get_value().sharding.spec == _expected_spec(param, rules, mesh)
+        assert moment.get_value().sharding == param.get_value().sharding
+
+  # The real arrays of the last mesh (data=2, fsdp=2, tensor=2), initialised directly sharded.
+  with train.mesh_context(mesh, rules):
+    state = init()
+  adam = state["opt"][1][0]
+  for tree in (state["model"], adam.mu, adam.nu):
+    for want, got in zip(params, jax.tree.leaves(tree, is_leaf=is_var)):
+      assert got.get_value().sharding == want.get_value().sharding
+  in_proj = state["model"]["blocks"][0]["in_proj"][...]  # ("embed", "mlp") -> (fsdp, tensor)
+  assert in_proj.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert {s.data.shape for s in in_proj.addressable_shards} == {(32, 224)}  # of (64, 448)
+  assert len({s.device for s in in_proj.addressable_shards}) == 8
+  assert state["step"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+# -- the command --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
+def test_main_trains_on_mesh(shape, tmp_path, cache_dir, request):
+  if shape == (8, 1, 1):  # the reference run is this very command
+    workdir, proc = request.getfixturevalue("reference_run")
+    steps = 10
+  else:
+    workdir, steps = tmp_path, 8
+    proc = run_main([*TINY, *mesh_flags(shape), f"--workdir={workdir}", f"--stop_at={steps}"],
+                    cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = result_of(proc)
+  assert result["step"] == steps and result["status"] == "preempted"
+  assert "Traceback" not in proc.stderr
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").open()]
+  assert [r["step"] for r in records] == list(range(1, steps + 1))
+  for key in ("loss", "mse", "fourier", "lr", "grad_norm", "images_per_s", "step_time_s",
+              "gflops_per_s"):
+    assert all(math.isfinite(r[key]) for r in records[1:]), key
+  assert records[-1]["loss"] < records[0]["loss"] - 0.05, [r["loss"] for r in records]
+  assert result["loss"] == records[-1]["loss"]
+  config = json.loads((workdir / "config.json").read_text())
+  assert [config["mesh"][a] for a in sharding.MESH_AXES] == list(shape)
+  assert list((workdir / "tb").iterdir()), "no TensorBoard events"
+  assert (workdir / "checkpoints" / str(steps) / "state").is_dir()
+  assert "SYNTHETIC" in proc.stdout and "per device" in proc.stdout
+
+
+def test_exact_resume_on_the_same_and_another_mesh(tmp_path, cache_dir, reference):
+  """5 steps, stop, rerun -> steps 6-10 equal the uninterrupted run's bit for bit.
+
+  Restored onto a data=2,fsdp=2,tensor=2 mesh the data and parameters are identical too, but
+  XLA reorders the reductions (gradient all-reduce over 4 shards instead of 8, tensor-parallel
+  matmuls), so losses differ in the last bits: measured <= 2 ulp; asserted rtol 1e-6.
+  """
+  workdir = tmp_path / "run"
+  first = run_main([*TINY, f"--workdir={workdir}", "--stop_at=5"], cache_dir)
+  assert result_of(first) == dict(step=5, loss=reference[5], status="preempted")
+  other = tmp_path / "other_mesh"
+  shutil.copytree(workdir, other)
+  second = run_main([*TINY, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "restored step 5" in second.stdout
+  assert losses(workdir) == {s: reference[s] for s in range(1, 11)}  # exact, steps 1-10
+
+  third = run_main([*TINY, *mesh_flags((2, 2, 2)), f"--workdir={other}", "--stop_at=10"],
+                   cache_dir)
+  assert third.returncode == 0, third.stderr[-3000:]
+  resumed = losses(other)
+  assert sorted(resumed) == list(range(1, 11))
+  np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
+                             [reference[s] for s in range(6, 11)], rtol=1e-6, atol=0)
+
+
+def test_sigterm_saves_that_step_and_exits_0(tmp_path, cache_dir):
+  proc = subprocess.Popen([sys.executable, "-m", "mae_jax.main", *TINY, f"--workdir={tmp_path}"],
+                          cwd=REPO, env=main_env(cache_dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  lines = []
+  try:
+    for line in proc.stdout:  # signal once training is under way
+      lines.append(line)
+      if line.startswith("step 2/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  lines += out.splitlines()
+  result = json.loads(lines[-1])
+  assert proc.returncode == 0 and result["status"] == "preempted", lines[-5:]
+  assert 2 <= result["step"] < 200
+  assert (tmp_path / "checkpoints" / str(result["step"]) / "state").is_dir()
+  assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == \
+      result["step"]
+
+
+def test_user_mistakes_are_one_line(tmp_path, cache_dir, devices):
+  bad_mesh = run_main([*TINY, "--config.mesh.data=3", f"--workdir={tmp_path}"], cache_dir)
+  assert bad_mesh.returncode == 1 and "Traceback" not in bad_mesh.stderr
+  assert bad_mesh.stderr.strip().splitlines()[-1] == (
+      "error: mesh: data*fsdp*tensor = 3 but 8 devices are present; set one axis to -1 to fill")
+  config = tiny.get_config()
+  config.batch_size = 12
+  with pytest.raises(train.ConfigError, match="divisible by 8 batch shards"):
+    train.train_and_evaluate(config, tmp_path / "batch")
+  config.batch_size, config.mesh.fsdp = 16, 3
+  with pytest.raises(sharding.MeshError, match="cannot fill 8 devices"):
+    train.train_and_evaluate(config, tmp_path / "mesh")
+  assert not (tmp_path / "batch").exists() and not (tmp_path / "mesh").exists()
+
+
+# -- loop guards (in-process, no model compile) -------------------------------------------------
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, devices):
+  config = tiny.get_config()
+  config.update(total_steps=10, log_every=3, checkpoint_every=2)
+  mesh = sharding.make_mesh(config.mesh)
+  repl = sharding.replicated(mesh)
+  state = dict(w=jax.device_put(jnp.ones((8,)), repl), step=jax.device_put(jnp.int32(0), repl))
+
+  def fake_step(state, images, rng):  # the loss turns NaN at step 5
+    del images, rng
+    step = state["step"] + 1
+    loss = jnp.where(step >= 5, jnp.nan, 1.0 / step)
+    metrics = dict(loss=loss, mse=loss, fourier=loss, grad_norm=loss, lr=loss)
+    return dict(w=state["w"] + 1, step=step), metrics
+
+  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
+  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5)
+  log = train.MetricsLog(tmp_path, 0, config.total_steps)
+  try:
+    result = train._loop(config, mesh, state, jax.jit(fake_step), data, data,
+                         jax.random.key(0), ckpt, log, 0, None)
+  finally:
+    log.close()
+    ckpt.close()
+  assert result["status"] == "nan" and result["step"] == 6 and math.isnan(result["loss"])
+  assert ckpt.all_steps() == [2, 4] and result["last_checkpoint"] == 4
+  assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").open()] == [3]
+
+
+# -- the step itself ----------------------------------------------------------------------------
+def test_microbatches_with_remat_equal_averaged_chunk_gradients(devices, fast_compiles):
+  """microbatches=2 + remat: one update with the mean gradient of the two interleaved chunks."""
+  config = tiny.get_config()
+  config.update(microbatches=2, remat=True)
+  config.model.update(depth=1)  # compile time
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.normalize_rules(config.sharding_rules)
+  graphdef, tx, abstract, init = train.build_state(config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
+  with train.mesh_context(mesh, rules):
+    state = init()
+    images, rng = next(data), jax.random.key(0)
+    params, opt = state["model"], state["opt"]
+    step = train.jit_train_step(graphdef, tx, config, mesh, shardings)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), images, rng)
+
+    @jax.jit
+    def manual(params, opt, images):
+      def loss_fn(p, x, key):
+        return nnx.merge(graphdef, p)(x, key)[0]
+      key = jax.random.fold_in(rng, 0)
+      parts = [jax.value_and_grad(loss_fn)(params, images[i::2], jax.random.fold_in(key, i))
+               for i in range(2)]
+      loss = (parts[0][0] + parts[1][0]) / 2
+      grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+      updates, _ = tx.update(grads, opt, params)
+      return loss, jax.tree.map(jnp.add, params, updates)
+
+    loss, want = manual(params, opt, images)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  for got, ref in zip(jax.tree.leaves(new_state["model"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+  assert int(new_state["step"]) == 1
+
+
+# -- dry runs -----------------------------------------------------------------------------------
+REAL = {"vits16": vits16, "camae_vits16": camae_vits16, "vitb16": vitb16, "vitb8": vitb8,
+        "vitl16": vitl16, "vitl8": vitl8, "vitg8": vitg8}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_dry_run_of_every_real_config(name, devices, capsys):
+  config = REAL[name].get_config()
+  config.mesh.update(data=2, fsdp=2, tensor=2) if name == "vitg8" else config.mesh.update(
+      data=2, fsdp=4)
+  start = time.perf_counter()
+  result = train.dry_run(config)
+  seconds = time.perf_counter() - start
+  shards = 4  # fsdp x tensor: nearly every matrix is split 4 ways
+  assert result["status"] == "dry_run" and result["devices"] == 8
+  assert result["params"] > 40e6
+  full = result["params"] * 4
+  assert full / shards <= result["param_bytes_per_device"] < full / shards * 1.1
+  assert result["opt_bytes_per_device"] >= result["param_bytes_per_device"]
+  out = capsys.readouterr().out
+  assert "per device: parameters" in out and "optimiser" in out
+  print(f"{name}: dry run {seconds:.1f} s")
