@@ -272,10 +272,12 @@ class MetricsLog:
 
 
 # -- run ----------------------------------------------------------------------------------------
-def write_config(config, workdir: epath.Path, resuming: bool):
-  """WORKDIR/config.json (atomic); a resumed run must keep the model it was trained with."""
+def write_config(config, workdir: epath.Path, resuming: bool, mesh=None):
+  """WORKDIR/config.json (atomic; mesh sizes resolved); a resumed run must keep its model."""
   path = workdir / checkpointing.CONFIG_FILE
   resolved = json.loads(config.to_json_best_effort())
+  if mesh is not None:
+    resolved["mesh"] = {axis: int(mesh.shape[axis]) for axis in sharding.MESH_AXES}
   if resuming and path.exists():
     old = json.loads(path.read_text())
     if old.get("model") != resolved["model"]:
@@ -335,7 +337,7 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
-  write_config(config, workdir, resuming=latest is not None)
+  write_config(config, workdir, resuming=latest is not None, mesh=mesh)
 
   batch_sh = sharding.batch_sharding(mesh, rules)
   data = None

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from configs import camae_vits16, tiny, vitb16, vitb8, vitg8, vitl16, vitl8, vits16
-from mae_jax import checkpointing, sharding, train
+from mae_jax import checkpointing, records, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/tiny.py", "--config.total_steps=200", "--config.log_every=1",
@@ -74,10 +74,34 @@ def fast_compiles():
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, cache_dir):
+def manifest(tmp_path_factory):
+  """24 sites of 48x48x6 in 2 TFRecord shards: the grain pipeline takes random 32x32 crops."""
+  out = tmp_path_factory.mktemp("data")
+  config = tiny.get_config()
+  config.model.image_size = 48
+  sites = train.SyntheticCrops(config, None).rows(step=0, start=0, stop=24)
+  channels = [f"w{i}" for i in range(1, 7)]
+  shards = []
+  for s in range(2):
+    with records.ShardWriter(str(out / f"shard-{s}.tfrecord")) as writer:
+      for i in range(12 * s, 12 * s + 12):
+        writer.write(sites[i], channels, {"site": i, "well": f"B{i:02d}"})
+    shards.append({"path": f"shard-{s}.tfrecord", "records": writer.count})
+  return records.write_manifest(out, {
+      "layout": "test", "shards": shards, "num_records": 24, "image_shape": [48, 48, 6],
+      "channels": channels, "dtype": "uint8"})
+
+
+@pytest.fixture(scope="module")
+def data_flags(manifest):
+  return [f"--config.data.manifest={manifest}"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir, data_flags):
   """An uninterrupted 10-step run on data=8: the yardstick of every resume."""
   workdir = tmp_path_factory.mktemp("reference")
-  proc = run_main([*TINY, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
+  proc = run_main([*TINY, *data_flags, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -124,14 +148,14 @@ def test_params_and_moments_are_sharded_as_the_rules_say(devices, fast_compiles)
 
 # -- the command --------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
-def test_main_trains_on_mesh(shape, tmp_path, cache_dir, request):
+def test_main_trains_on_mesh(shape, tmp_path, cache_dir, data_flags, request):
   if shape == (8, 1, 1):  # the reference run is this very command
     workdir, proc = request.getfixturevalue("reference_run")
     steps = 10
   else:
     workdir, steps = tmp_path, 8
-    proc = run_main([*TINY, *mesh_flags(shape), f"--workdir={workdir}", f"--stop_at={steps}"],
-                    cache_dir)
+    proc = run_main([*TINY, *data_flags, *mesh_flags(shape), f"--workdir={workdir}",
+                     f"--stop_at={steps}"], cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = result_of(proc)
   assert result["step"] == steps and result["status"] == "preempted"
@@ -147,28 +171,31 @@ def test_main_trains_on_mesh(shape, tmp_path, cache_dir, request):
   assert [config["mesh"][a] for a in sharding.MESH_AXES] == list(shape)
   assert list((workdir / "tb").iterdir()), "no TensorBoard events"
   assert (workdir / "checkpoints" / str(steps) / "state").is_dir()
-  assert "SYNTHETIC" in proc.stdout and "per device" in proc.stdout
+  assert "shards x 2 per device" in proc.stdout or "shards x 4 per device" in proc.stdout
+  assert "manifest.json (0 grain workers)" in proc.stdout
 
 
-def test_exact_resume_on_the_same_and_another_mesh(tmp_path, cache_dir, reference):
+def test_exact_resume_on_the_same_and_another_mesh(tmp_path, cache_dir, data_flags, reference):
   """5 steps, stop, rerun -> steps 6-10 equal the uninterrupted run's bit for bit.
+
+  The data come from the grain pipeline, whose iterator state travels in the checkpoint.
 
   Restored onto a data=2,fsdp=2,tensor=2 mesh the data and parameters are identical too, but
   XLA reorders the reductions (gradient all-reduce over 4 shards instead of 8, tensor-parallel
   matmuls), so losses differ in the last bits: measured <= 2 ulp; asserted rtol 1e-6.
   """
   workdir = tmp_path / "run"
-  first = run_main([*TINY, f"--workdir={workdir}", "--stop_at=5"], cache_dir)
+  first = run_main([*TINY, *data_flags, f"--workdir={workdir}", "--stop_at=5"], cache_dir)
   assert result_of(first) == dict(step=5, loss=reference[5], status="preempted")
   other = tmp_path / "other_mesh"
   shutil.copytree(workdir, other)
-  second = run_main([*TINY, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
+  second = run_main([*TINY, *data_flags, f"--workdir={workdir}", "--stop_at=10"], cache_dir)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "restored step 5" in second.stdout
   assert losses(workdir) == {s: reference[s] for s in range(1, 11)}  # exact, steps 1-10
 
-  third = run_main([*TINY, *mesh_flags((2, 2, 2)), f"--workdir={other}", "--stop_at=10"],
-                   cache_dir)
+  third = run_main([*TINY, *data_flags, *mesh_flags((2, 2, 2)), f"--workdir={other}",
+                    "--stop_at=10"], cache_dir)
   assert third.returncode == 0, third.stderr[-3000:]
   resumed = losses(other)
   assert sorted(resumed) == list(range(1, 11))
@@ -194,6 +221,7 @@ def test_sigterm_saves_that_step_and_exits_0(tmp_path, cache_dir):
   result = json.loads(lines[-1])
   assert proc.returncode == 0 and result["status"] == "preempted", lines[-5:]
   assert 2 <= result["step"] < 200
+  assert any("SYNTHETIC" in line for line in lines)  # data.manifest unset
   assert (tmp_path / "checkpoints" / str(result["step"]) / "state").is_dir()
   assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == \
       result["step"]
