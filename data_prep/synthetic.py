@@ -20,6 +20,8 @@ last. The last stdout line is one JSON object with counts.
 """
 import argparse
 import csv
+import ctypes
+import ctypes.util
 import io
 import json
 import multiprocessing
@@ -162,6 +164,20 @@ def site_paths(out, well):
   return [os.path.join(folder, f"{well['address']}_s1_{c}.png") for c in render.CHANNELS]
 
 
+def _tune_malloc():
+  """Keeps freed ~1 MB numpy temporaries in the heap instead of unmapping them.
+
+  With glibc's defaults each site maps and page-faults ~150 MB of fresh memory, about 15 % of the
+  rendering time. No-op where mallopt is not available.
+  """
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(-3, 1 << 26)  # M_MMAP_THRESHOLD: 64 MiB
+    libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: 256 MiB
+  except (OSError, AttributeError, TypeError):
+    pass
+
+
 def _render_task(task):
   """Renders one well unless its six PNGs exist; returns 1 if it rendered."""
   index, paths, params, effects, size, seed = task
@@ -179,13 +195,14 @@ def render_all(out, wells, size, seed, workers):
   rendered, start, step = 0, time.time(), max(1, len(tasks) // 10)
   if workers > 1:
     # spawn, not fork: a caller may have threads (e.g. jax) that a forked child would inherit.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_tune_malloc) as pool:
       results = pool.imap_unordered(_render_task, tasks, chunksize=4)
       for k, r in enumerate(results, 1):
         rendered += r
         if k % step == 0:
           print(f"synthetic: {k}/{len(tasks)} wells ({time.time() - start:.0f} s)", file=sys.stderr)
   else:
+    _tune_malloc()
     for k, t in enumerate(tasks, 1):
       rendered += _render_task(t)
       if k % step == 0:
