@@ -117,7 +117,8 @@ def _pick_modules(n_module, rel, universe, can_express, rng):
   adj = {s: _adjacency(rel[s], can_express) for s in PLANT_SOURCES}
   adj_all = {x: _adjacency(rel[x], set(universe)) for x in rel}
   pair_sets = {x: set(rel[x]) for x in rel}
-  closest = {x: max(PLANT_SOURCES, key=lambda s: (len(pair_sets[s] & pair_sets[x]), s)) for x in rel}
+  closest = {x: max(PLANT_SOURCES, key=lambda s: (len(pair_sets[s] & pair_sets[x]), s))
+             for x in rel}
   seeds, focus_seeds = {}, {}
   for s in PLANT_SOURCES:
     cand = sorted(g for g, nb in adj[s].items() if len(nb) >= 3)
@@ -150,7 +151,8 @@ def _pick_modules(n_module, rel, universe, can_express, rng):
     # One shared gene makes genes that belong to two modules; more would merge modules.
     if len(members) < 3 or len(shared) > 1 or any(n_memberships.get(g, 0) >= 2 for g in shared):
       continue
-    if focus and _coverage(in_modules | set(members), {focus: adj_all[focus]})[focus] <= cover[focus]:
+    if focus and (_coverage(in_modules | set(members), {focus: adj_all[focus]})[focus]
+                  <= cover[focus]):
       continue
     modules.append(Module(f"M{len(modules) + 1:03d}", s, sorted(members)))
     for g in members:
@@ -199,8 +201,10 @@ def select_genes(n_genes, rng, unexpressed_fraction=0.25, module_fraction=0.8, r
   for g in genes:
     if g in expr:
       zfpkm[g] = max(expr[g], NOT_DETECTED_ZFPKM)
-    else:  # not in the U2OS table: draw a plausible value on the declared side
-      zfpkm[g] = float(rng.uniform(-8, -3.5)) if g in off else max(float(rng.normal(0.5, 0.8)), -2.5)
+    elif g in off:  # not in the U2OS table: draw a plausible value on the declared side
+      zfpkm[g] = float(rng.uniform(-8, -3.5))
+    else:
+      zfpkm[g] = max(float(rng.normal(0.5, 0.8)), -2.5)
   return GeneSet(genes=genes, arm={g: arms[g] for g in genes},
                  expressed={g: g not in off for g in genes}, zfpkm=zfpkm,
                  modules=modules, focus_arms=[str(a) for a in focus])

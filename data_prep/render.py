@@ -54,7 +54,7 @@ PARAMS = {
     "mito_length": (1., 14., 4.5),           # fragmented (short) vs tubular (long)
     "mito_perinuclear": (0.0, 1.0, 0.45),    # clustering around the nucleus
     "mito_er_coloc": (0.0, 0.95, 0.35),      # mitochondria seen on ER tubules
-    "golgi_offset": (0.5, 2.0, 1.1),         # distance of the Golgi from the nuclear centre / radius
+    "golgi_offset": (0.5, 2.0, 1.1),         # Golgi distance from the nuclear centre / radius
     "golgi_spread": (1.2, 9., 3.2),          # compact ribbon vs dispersed stacks
     "golgi_polarity": (0.0, 1.0, 0.5),       # Golgi at the cell's long-axis end vs anywhere
     "membrane_wga": (0.1, 1.6, 0.5),         # plasma membrane vs Golgi in w6
@@ -81,7 +81,7 @@ def _unit(a):
 
 @functools.lru_cache(maxsize=2)
 def _banks(size):
-  """Texture fields a little larger than the site, made once per process; sites take random crops of them.
+  """Texture fields a little larger than the site, made once per process; sites use crops.
 
   Filtering fresh white noise for every site (chromatin grain, the ER mesh at its scale, cell
   outline wobble, pixel noise) would cost more than the rest of the rendering.
@@ -106,7 +106,9 @@ def _bank_size(size):
 
 def _crop_spec(size, rng):
   m = _bank_size(size)
-  return int(rng.integers(0, m - size + 1)), int(rng.integers(0, m - size + 1)), int(rng.integers(4))
+  oy = int(rng.integers(0, m - size + 1))
+  ox = int(rng.integers(0, m - size + 1))
+  return oy, ox, int(rng.integers(4))
 
 
 def _crop(bank, size, spec):
@@ -129,7 +131,8 @@ def _splat(ys, xs, size):
   """Unit point masses as an image (points outside the field are dropped)."""
   iy, ix = np.rint(ys).astype(np.int64), np.rint(xs).astype(np.int64)
   ok = (iy >= 0) & (iy < size) & (ix >= 0) & (ix < size)
-  return np.bincount(iy[ok] * size + ix[ok], minlength=size * size).reshape(size, size).astype(np.float32)
+  flat = np.bincount(iy[ok] * size + ix[ok], minlength=size * size)
+  return flat.reshape(size, size).astype(np.float32)
 
 
 def _segments(y0, x0, angle, length):
@@ -175,11 +178,13 @@ def _seed_cells(p, size, rng):
       "R": p["cell_radius"] * rng.lognormal(0, 0.15, n) * np.where(mitotic, 0.5, 1.0),
       "elong": np.where(mitotic, 1.05, np.maximum(elong, 1.0)),
       "rn": p["nucleus_radius"] * rng.lognormal(0, 0.1, n) * np.where(mitotic, 0.72, 1.0),
-      "ecc": np.where(mitotic, 1.05, np.maximum(p["nucleus_eccentricity"] * rng.lognormal(0, 0.1, n), 1.0)),
+      "ecc": np.where(mitotic, 1.05,
+                      np.maximum(p["nucleus_eccentricity"] * rng.lognormal(0, 0.1, n), 1.0)),
       "dna": rng.lognormal(0, 0.15, n) * np.where(mitotic, 2.2, 1.0),
       "mitotic": mitotic,
   }
-  cells["A"], cells["B"] = cells["R"] * np.sqrt(cells["elong"]), cells["R"] / np.sqrt(cells["elong"])
+  root = np.sqrt(cells["elong"])
+  cells["A"], cells["B"] = cells["R"] * root, cells["R"] / root
   cells["a"], cells["b"] = cells["rn"] * np.sqrt(cells["ecc"]), cells["rn"] / np.sqrt(cells["ecc"])
   return {k: np.asarray(v, np.float32) if k != "mitotic" else v for k, v in cells.items()}
 

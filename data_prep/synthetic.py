@@ -79,7 +79,8 @@ def _plate_effects(n_exp, n_plates, rng):
 
 
 def _well_effects(plate, row, col, rng):
-  tilt = 0.06 * (plate["gradient"][0] * (row - 15.5) / 15.5 + plate["gradient"][1] * (col - 23.5) / 23.5)
+  gy, gx = plate["gradient"]
+  tilt = 0.06 * (gy * (row - 15.5) / 15.5 + gx * (col - 23.5) / 23.5)
   return {
       "gain": (np.exp(plate["log_gain"] + rng.normal(0, 0.04, 6)) * (1 + tilt)).tolist(),
       "offset": plate["offset"].tolist(),
@@ -100,8 +101,9 @@ def design(args):
   plates = _plate_effects(args.experiments, args.plates, rng_effects)
   per_plate = -(-args.genes * args.guides // args.plates) + args.controls_per_plate
   if per_plate > len(ROWS) * COLS:
-    raise SyntheticError(f"--plates={args.plates}: a plate would hold {per_plate} wells, a 1536-well "
-                         "plate holds 1536; use more --plates or fewer --controls_per_plate")
+    raise SyntheticError(f"--plates={args.plates}: a plate would hold {per_plate} wells, a "
+                         "1536-well plate holds 1536; use more --plates or fewer "
+                         "--controls_per_plate")
   inner = [(r, c) for r in range(1, len(ROWS) - 1) for c in range(1, COLS - 1)]
   every = [(r, c) for r in range(len(ROWS)) for c in range(COLS)]
   wells = []
@@ -191,7 +193,8 @@ def _render_task(task):
 
 
 def render_all(out, wells, size, seed, workers):
-  tasks = [(i, site_paths(out, w), w["params"], w["effects"], size, seed) for i, w in enumerate(wells)]
+  tasks = [(i, site_paths(out, w), w["params"], w["effects"], size, seed)
+           for i, w in enumerate(wells)]
   rendered, start, step = 0, time.time(), max(1, len(tasks) // 10)
   if workers > 1:
     # spawn, not fork: a caller may have threads (e.g. jax) that a forked child would inherit.
@@ -262,10 +265,12 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
       "well_params": well_params, "mixing": ph.mixing.astype(np.float32),
   }
   return {
-      "ground_truth/genes.csv": _csv_text(("gene", "arm", "expressed", "zFPKM", "modules"), genes_rows),
+      "ground_truth/genes.csv": _csv_text(("gene", "arm", "expressed", "zFPKM", "modules"),
+                                          genes_rows),
       "ground_truth/expression.csv": _csv_text(
           ("gene", "zFPKM"), [(g, f"{gs.zfpkm[g]:.4f}") for g in gs.genes]),
-      "ground_truth/planted_pairs.csv": _csv_text(("entity1", "entity2", "source", "modules"), pairs),
+      "ground_truth/planted_pairs.csv": _csv_text(("entity1", "entity2", "source", "modules"),
+                                                  pairs),
       "ground_truth/wells.csv": _csv_text(
           ["well_id"] + features,
           [[w["well_id"]] + [f"{v:.6f}" for v in row] for w, row in zip(wells, latent)]),
@@ -282,11 +287,13 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
 
 
 def _parser():
-  p = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m data_prep.synthetic",
+                              description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output folder (created; may hold an unfinished run)")
   p.add_argument("--genes", type=int, default=300, help="number of genes (real symbols)")
-  p.add_argument("--guides", type=int, default=3, help="guides per gene (one well each per experiment)")
+  p.add_argument("--guides", type=int, default=3,
+                 help="guides per gene (one well each per experiment)")
   p.add_argument("--experiments", type=int, default=2, help="experiments (gene-001, ...)")
   p.add_argument("--plates", type=int, default=4, help="1536-well plates per experiment")
   p.add_argument("--controls_per_plate", type=int, default=64, help="EMPTY_control wells per plate")
@@ -330,8 +337,9 @@ def _claim(out, parameters):
       if prev != parameters:
         diff = sorted(k for k in set(prev or {}) | set(parameters)
                       if (prev or {}).get(k) != parameters.get(k))
-        raise SyntheticError(f"--out={out}: holds a screen made with other flags ({', '.join(diff)}); "
-                             "rerun with the same flags or choose a new --out")
+        raise SyntheticError(f"--out={out}: holds a screen made with other flags "
+                             f"({', '.join(diff)}); rerun with the same flags or choose a new "
+                             "--out")
       return
   if os.path.isfile(out):
     raise SyntheticError(f"--out={out}: is a file, expected a folder")
