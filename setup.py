@@ -37,6 +37,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "tpu": ["jax[tpu]"],
+        # TPU compiler for `python -m mae_jax.compile` on machines without a TPU: the libtpu that
+        # jax 0.10.2's [tpu] extra pins.
+        "aot": ["libtpu==0.0.42.*"],
         "cuda12": ["jax[cuda12]"],
     },
 )
