@@ -177,6 +177,9 @@ def target_devices(topology: Topology, backend: str):
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.generation}-"
                           f"{topology.chips * topology.gen.cores_per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes /tmp/libtpu_lockfile to own the chips; compiling touches none, so two
+    # compiles (or a compile beside a TPU job) may share the host.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     try:
       desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name,
