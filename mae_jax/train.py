@@ -90,15 +90,20 @@ class GrainBatches:
   def __init__(self, config, batch_sharding):
     from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     d, m = config.data, config.model
+    self.shape = (config.batch_size, m.image_size, m.image_size, m.channels)
+    rows = {idx[0].indices(config.batch_size)[:2]
+            for idx in batch_sharding.addressable_devices_indices_map(self.shape).values()}
+    if sum(stop - start for start, stop in rows) != config.batch_size // jax.process_count():
+      raise ConfigError(f"mesh {dict(batch_sharding.mesh.shape)}: every process must hold its "
+                        f"own 1/{jax.process_count()} of the batch (keep the tensor axis within "
+                        f"a process), got rows {sorted(rows)}")
     self.iterator = input_pipeline.train_iterator(
         d.manifest, global_batch_size=config.batch_size, crop_size=m.image_size,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=d.num_workers, augment=d.augment,
         verify_crc=d.verify_crc, skip_corrupt=d.skip_corrupt, expect_channels=m.channels,
         expect_dtype=d.dtype)
-    self.sharding = batch_sharding
-    self.shape = (config.batch_size, m.image_size, m.image_size, m.channels)
-    self.skipped = 0
+    self.sharding, self.skipped = batch_sharding, 0
 
   def __next__(self) -> jax.Array:
     batch = next(self.iterator)
@@ -124,11 +129,13 @@ def mesh_context(mesh, rules):
 
 
 def build_state(config, mesh):
-  """(graphdef, abstract state with the mesh's shardings, init fn) without allocating anything.
+  """(graphdef, optimiser, abstract state with the mesh's shardings, init fn); allocates nothing.
 
-  The state is a pytree {"model": nnx.State of the MAE's Params, "opt": optax state, "step"};
-  `init()` creates it directly sharded under jax.jit (no replicated copy first). Optimiser
-  moments inherit the logical names of their parameters, hence their shardings.
+  The state is a pytree of plain arrays {"model": the MAE's Params as a pure dict (nnx.merge
+  takes it back), "opt": optax state, "step"}: no NNX Variables cross the jit boundary, which
+  would cost ~1 ms of host time per parameter and step to re-wrap. `init()` creates it directly
+  sharded under jax.jit (no replicated copy first). Optimiser moments get their parameter's
+  sharding; scalars are replicated.
   """
   rules = sharding.normalize_rules(config.sharding_rules)
   dtype = mae.compute_dtype(config.precision)
@@ -136,16 +143,20 @@ def build_state(config, mesh):
   build = lambda: mae.build_model(config.model, seed=config.seed, dtype=dtype, remat=config.remat)
 
   def create():
-    params = nnx.state(build(), nnx.Param)
+    params = nnx.state(build(), nnx.Param).to_pure_dict()
     return dict(model=params, opt=tx.init(params), step=jnp.zeros((), jnp.int32))
 
   with mesh_context(mesh, rules):
     graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise ValueError(f"the train state holds Params only; the model also has {rest}")
-    abstract = dict(model=params, opt=jax.eval_shape(tx.init, params),
-                    step=jax.ShapeDtypeStruct((), jnp.int32))
-    shardings = nnx.get_named_sharding(abstract, mesh)
+    param_shardings = nnx.get_named_sharding(params, mesh).to_pure_dict()
+  params = params.to_pure_dict()
+  opt = jax.eval_shape(tx.init, params)
+  repl = sharding.replicated(mesh)
+  shardings = dict(model=param_shardings, step=repl, opt=optax.tree_map_params(
+      tx, lambda _, s: s, opt, param_shardings, transform_non_params=lambda _: repl))
+  abstract = dict(model=params, opt=opt, step=jax.ShapeDtypeStruct((), jnp.int32))
   init = jax.jit(create, out_shardings=shardings)
   return graphdef, tx, sharding.with_shardings(abstract, shardings), init
 
@@ -235,7 +246,10 @@ class MetricsLog:
     self._rewrite()
     self.local = "://" not in str(self.path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(str(workdir / "tb"))
+    try:  # gs:// needs google-cloud-storage, s3:// boto3
+      self.writer = SummaryWriter(str(workdir / "tb"))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"TensorBoard cannot write to {workdir / 'tb'}: {e}") from None
 
   def _rewrite(self):
     tmp = self.path.parent / (self.path.name + ".tmp")
@@ -371,10 +385,13 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
       rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=sharding.replicated(mesh))()
       log = MetricsLog(workdir, start, config.total_steps)
       try:
-        return _loop(config, mesh, state, train_step, data, checkpointable, rng, ckpt, log,
-                     start, stop_at)
+        result = _loop(config, mesh, state, train_step, data, checkpointable, rng, ckpt, log,
+                       start, stop_at)
       finally:
         log.close()
+      per_device, _ = check_batch(config, mesh)
+      return dict(result, global_batch=config.batch_size, per_device_batch=per_device,
+                  mesh=dict(mesh.shape))
   finally:
     if isinstance(data, GrainBatches):
       data.close()
@@ -385,8 +402,11 @@ def _loop(config, mesh, state, train_step, data, checkpointable, rng, ckpt, log,
   total = int(config.total_steps)
   train_flops = flops.flops_per_image(config.model)["train"]
   peak = float(config.peak_tflops_per_device) * 1e12 * mesh.size
-  sigterm = _SigtermFlag()
   loss, status, step = log.last_loss(), "done", start
+  if stop_at is not None and stop_at <= start:
+    _print(f"already at step {start} >= stop_at {stop_at}: nothing to do")
+    return dict(step=start, loss=loss, status="preempted")
+  sigterm = _SigtermFlag()
   window = None  # (time, step) once the first (compiling) step has finished
   try:
     for step in range(start + 1, total + 1):

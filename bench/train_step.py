@@ -1,0 +1,108 @@
+"""Train-step throughput of real MAE configs on one device, against a matmul yardstick.
+
+  python -m bench.train_step [--runs=vits16:float32:16,vits16:bfloat16:16,vitb16:float32:8]
+                             [--steps=3] [--threads=2]
+
+One JSON line per run: model, precision, batch, images_per_s, gflops_per_s (the FLOP model of
+mae_jax/flops.py: fwd + bwd, 2 FLOPs per MAC), peak_gflops_per_s (a jitted 2048^2 matmul of the
+same dtype measured in this process right before and after the run, bench/common.py),
+fraction_of_peak, step_s (best of --steps), compile_s.
+The step is the real one (masking, encoder, decoder, Fourier loss, backward, clipping, Lion or
+AdamW update) on a 1-device mesh with a fixed uint8 batch already on the device.
+"""
+import argparse
+import importlib
+import sys
+import time
+
+from bench import common
+
+DEFAULT_RUNS = "vits16:float32:16,vits16:bfloat16:16,vitb16:float32:8"
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line on stderr, no usage dump
+    sys.exit(f"bench.train_step: {message}")
+
+
+def parse_runs(text):
+  runs = []
+  for item in text.split(","):
+    parts = item.split(":")
+    if len(parts) != 3 or parts[1] not in ("float32", "bfloat16") or not parts[2].isdigit():
+      raise ValueError(f"--runs: expected CONFIG:float32|bfloat16:BATCH, got {item!r}")
+    runs.append((parts[0], parts[1], int(parts[2])))
+  return runs
+
+
+def measure(name, precision, batch, steps):
+  """(best seconds per step, compile seconds, config) of the jitted train step.
+
+  Best of `steps` timed steps, like the best-of-5 matmul yardstick: on a shared machine the
+  minimum is the least disturbed sample of both.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mae_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.update(batch_size=batch, precision=precision)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = sharding.normalize_rules(config.sharding_rules)
+  graphdef, tx, abstract, init = train.build_state(config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  m = config.model
+  images = np.random.default_rng(0).integers(
+      0, 256, (batch, m.image_size, m.image_size, m.channels), dtype=np.uint8)
+  with train.mesh_context(mesh, rules):
+    state = init()
+    images = jax.device_put(images, sharding.batch_sharding(mesh, rules))
+    rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
+    start = time.perf_counter()
+    step = train.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
+        state, images, rng).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = step(state, images, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    best = float("inf")
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, images, rng)
+      jax.block_until_ready((state, metrics))
+      best = min(best, time.perf_counter() - start)
+  return best, compile_s, config
+
+
+def main(argv=None):
+  parser = _Parser(description=__doc__.split("\n")[0])
+  parser.add_argument("--runs", default=DEFAULT_RUNS,
+                      help="comma-separated CONFIG:PRECISION:BATCH (configs/CONFIG.py)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+  parser.add_argument("--threads", type=int, default=2, help="XLA:CPU / BLAS threads (0: all)")
+  args = parser.parse_args(argv)
+  try:
+    runs = parse_runs(args.runs)
+  except ValueError as e:
+    parser.error(str(e))
+  for name, _, _ in runs:
+    if importlib.util.find_spec(f"configs.{name}") is None:
+      parser.error(f"--runs: no config configs/{name}.py")
+  if args.steps < 1 or args.threads < 0:
+    parser.error("--steps must be >= 1 and --threads >= 0")
+  if args.threads:
+    common.configure_threads(args.threads)
+  from mae_jax import flops  # pylint: disable=g-import-not-at-top
+  for name, precision, batch in runs:
+    before = common.matmul_peak_gflops(precision)  # the yardstick right before and after
+    step_s, compile_s, config = measure(name, precision, batch, args.steps)
+    peak = max(before, common.matmul_peak_gflops(precision))
+    gflops = batch * flops.flops_per_image(config.model)["train"] / step_s / 1e9
+    common.emit(model=name, precision=precision, batch=batch, images_per_s=round(batch / step_s, 3),
+                gflops_per_s=round(gflops, 1), peak_gflops_per_s=round(peak, 1),
+                fraction_of_peak=round(gflops / peak, 3), step_s=round(step_s, 3),
+                compile_s=round(compile_s, 1), threads=args.threads,
+                device=common.device_description())
+
+
+if __name__ == "__main__":
+  main()
