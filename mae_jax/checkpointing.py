@@ -55,7 +55,8 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def all_steps(self):
-    return list(self._mngr.all_steps())
+    """Steps of finished checkpoints on disk (the manager's memory may still list a failed one)."""
+    return sorted(self._mngr.all_steps(read=True))
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves (state, data iterator) if `step` is due (or `force`); False if not saved.
@@ -152,8 +153,9 @@ def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = Non
     abstract = nnx.eval_shape(lambda: mae.build_model(config.model, seed=0, dtype=dtype))
   graphdef, abstract_state = nnx.split(abstract)
   replicated = NamedSharding(mesh, P())
-  target = nnx.State({"model": jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)})
+  target = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                 sharding=replicated),
+                                  abstract_state.to_pure_dict())}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
