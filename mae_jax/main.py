@@ -28,6 +28,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0 for an explicit multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "true", "false"],
+    "jax.distributed.initialize() with cluster auto-detection: 'auto' does it under SLURM with "
+    "several tasks or on a multi-host TPU slice (detected from the environment).")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop after this step with a checkpoint and "
                                 "status 'preempted' (a time-boxed job); rerun to continue.")
 _DRY_RUN_COMPILE = flags.DEFINE_bool("dry_run_compile", False, "With --config.dry_run=True, "
@@ -43,9 +47,15 @@ def _initialize_distributed():
       raise cli.UserError("--coordinator_address, --num_processes and --process_id go together")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                initialization_timeout=120)
-  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
-        or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ):
-    jax.distributed.initialize()  # SLURM / TPU pod: cluster auto-detection
+  elif _DISTRIBUTED.value == "true" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
+    jax.distributed.initialize()  # SLURM / TPU pod / GKE: JAX finds its peers itself
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  slurm = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
+  tpu_hosts = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+  return slurm or tpu_hosts or "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
 class _QuietOrbax(logging.Filter):
@@ -100,7 +110,7 @@ def run():
       return main(argv)
     except app.UsageError as e:
       cli.fail(cli.one_line(e), 2)
-    except (cli.UserError, FileNotFoundError, NotADirectoryError) as e:
+    except (cli.UserError, OSError) as e:  # OSError: also a config file that failed to load
       cli.fail(cli.one_line(e))
     except Exception as e:  # pylint: disable=broad-except
       from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
