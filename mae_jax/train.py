@@ -337,6 +337,9 @@ def describe(config, mesh):
 def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns {"step", "loss", "status", ...}.
 
+  `workdir` may be local or an object store path: gs:// works with gcsfs (WORKDIR files,
+  through etils.epath), tensorstore (Orbax) and google-cloud-storage (TensorBoard) installed.
+
   status: "done" (total_steps reached), "preempted" (SIGTERM on any process, or `stop_at`
   reached: a checkpoint of that step is written first) or "nan" (non-finite loss: stops
   without saving, so the last checkpoint is the last good state).
@@ -346,7 +349,10 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.normalize_rules(config.sharding_rules)
   _print(describe(config, mesh))
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except ImportError as e:  # e.g. gs:// without gcsfs (etils.epath goes through fsspec)
+    raise ConfigError(f"workdir {workdir}: {e}") from None
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints)
