@@ -157,10 +157,10 @@ def main(argv=None):
     configure_threads(args.threads)
   for dtype in ("float32", "bfloat16"):
     emit(bench="matmul_peak", dtype=dtype, n=args.n,
-         gflops_per_s=round(matmul_peak_gflops(dtype, args.n, args.repeats), 1),
+         gflops_per_s=round(matmul_peak_gflops(dtype, args.n, args.repeats), 4),
          device=device_description())
   emit(bench="numpy_matmul", dtype="float32", n=args.n,
-       gflops_per_s=round(numpy_matmul_gflops(args.n, args.repeats), 1),
+       gflops_per_s=round(numpy_matmul_gflops(args.n, args.repeats), 4),
        peak_rss_mib=round(peak_rss_mib(), 1))
 
 

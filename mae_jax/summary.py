@@ -19,8 +19,12 @@ from ml_collections import config_flags
 
 from mae_jax import cli, flops, mae
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
-_ZOO = flags.DEFINE_string("zoo", None, "Rewrite the model-zoo table of this README and exit.")
+
+
+def define_flags():
+  # Defined only when run as a command, so that importing `summarize` defines no flags.
+  config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
+  flags.DEFINE_string("zoo", None, "Rewrite the model-zoo table of this README and exit.")
 
 ZOO_CONFIGS = ("vits16", "vitb16", "vitb8", "vitl16", "vitl8", "vitg8", "camae_vits16")
 _BEGIN, _END = "<!-- zoo:begin (python -m mae_jax.summary --zoo=README.md) -->", "<!-- zoo:end -->"
@@ -90,13 +94,14 @@ def write_zoo(readme: pathlib.Path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _ZOO.value:
-    rows = write_zoo(pathlib.Path(_ZOO.value))
-    print(json.dumps({"zoo": [r["config"] for r in rows], "readme": _ZOO.value}))
+  zoo, config = flags.FLAGS.zoo, flags.FLAGS.config
+  if zoo:
+    rows = write_zoo(pathlib.Path(zoo))
+    print(json.dumps({"zoo": [r["config"] for r in rows], "readme": zoo}))
     return
-  if _CONFIG.value is None:
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/vits16.py")
-  s = summarize(_CONFIG.value)
+  s = summarize(config)
   print(f"{s['config']}: encoder {s['encoder_params'] / 1e6:,.1f} M, decoder {s['decoder_params'] / 1e6:,.1f} M "
         f"params; {s['tokens']} tokens ({s['kept_tokens']} kept); "
         f"{s['train_gflops_per_image']:,.1f} GFLOP/image per train step, "
@@ -105,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
