@@ -69,7 +69,17 @@ def drop_path(x, rate, key):
 
 def attention(q, k, v):
   """softmax(q k^T / sqrt(d)) v over (B, N, H, hd) heads, stats in float32."""
-  return jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
+  if jax.default_backend() == "gpu":  # cuDNN flash attention where it applies
+    return jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
+  # Issue 4 (train-step throughput): divide by the softmax sums AFTER the AV product, i.e. on
+  # (B, N, H, hd) instead of (B, H, N, N). Same math; on XLA:CPU it takes ~38 % off attention's
+  # forward + backward (ViT-S/16 MAE step: 0.55 -> 0.59 of the matmul yardstick).
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / weights.sum(-1).transpose(0, 2, 1)[..., None]).astype(q.dtype)
 
 
 class ParallelScalingBlock(nnx.Module):
