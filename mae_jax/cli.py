@@ -54,7 +54,7 @@ def run(main):
   """absl `app.run(main)` with one-line errors for everything the user can get wrong."""
   app.define_help_flags()
   try:
-    flags.FLAGS(sys.argv)
+    remaining = flags.FLAGS(sys.argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     fail(one_line(e), 2)
 
@@ -66,4 +66,4 @@ def run(main):
     except _user_errors() + (OSError,) as e:  # OSError: also a config file that failed to load
       fail(one_line(e))
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=lambda _: remaining)  # parse once: config overrides are not idempotent
