@@ -80,6 +80,7 @@ def get_config(variant="S/16", **overrides):
       div_factor=25.0,
       final_div_factor=1e4,
       grad_clip_norm=1.0,  # 0 disables clipping
+      cycle_momentum=False,  # PyTorch OneCycle also cycles Lion beta1 0.95 -> 0.85 -> 0.95 (method.md §2.3)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
