@@ -5,18 +5,13 @@ r"""Ahead-of-time compile of the train step for a TPU topology, without the hard
         --config.precision=bfloat16 --config.remat=True
     python -m mae_jax.compile --write_readme=README.md   # regenerate the "Scaling up" table
 
-MaxText's train_compile.py recipe: the TPU compiler in libtpu (`pip install "mae_jax[aot]"`)
-describes the topology's chips, the real train step is lowered over the sharded ABSTRACT state
-(nothing is allocated) for the real global batch and compiled; XLA's memory and cost analyses then
-say whether it fits in HBM and how many FLOPs a step costs. Without libtpu it falls back to as many
-fake CPU devices as the topology has chips: the sharding is the same, but memory and FLOPs are then
-XLA:CPU's, not the TPU compiler's (`"backend": "cpu-fake-devices"`, `"fits": null`: XLA:CPU's
-buffer assignment is no HBM estimate: bf16 + remat ViT-L/8 at 256 per device takes 726 GiB there,
-65 GiB on v5p).
-
-Topology names follow Cloud TPU: the number after v4-/v5p- counts TensorCores (2 per chip, so
-v5p-128 is 64 chips, 4x4x4), the one after v5e-/v6e- counts chips (v5e-256 is 16x16). An explicit
-chip grid also works: v5p:4x4x8. The last stdout line is one JSON object (contracts.md).
+MaxText's train_compile.py recipe: libtpu (`pip install "mae_jax[aot]"`) describes the chips, the
+real train step is lowered over the sharded ABSTRACT state for the real global batch and compiled;
+XLA's memory and cost analyses say whether it fits in HBM and what a step costs. Without libtpu:
+as many fake CPU devices as chips, same sharding, but XLA:CPU's figures (`"backend":
+"cpu-fake-devices"`, `"fits": null`: bf16 + remat ViT-L/8 at 256 per device takes 726 GiB there,
+65 GiB on v5p). Topology names follow Cloud TPU: v4-/v5p-N counts TensorCores (v5p-128 is 64
+chips, 4x4x4), v5e-/v6e-N chips (v5e-256 is 16x16); or a chip grid: v5p:4x4x8.
 """
 import dataclasses
 import importlib.metadata
