@@ -179,9 +179,13 @@ def plot_loss(data, path):
   fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
   curve = np.array(data["train_curve"])
   if len(curve):
-    ax.plot(curve[:, 0], curve[:, 1], lw=1, label="MAE training loss (batch)")
+    ax.plot(curve[:, 0], curve[:, 1], lw=0.6, alpha=0.4, color="C0")
+    smooth = curve[:, 1].copy()
+    for i in range(1, len(smooth)):  # exponential moving average, as TensorBoard shows it
+      smooth[i] = 0.8 * smooth[i - 1] + 0.2 * smooth[i]
+    ax.plot(curve[:, 0], smooth, lw=1.2, color="C0", label="MAE training loss (batch, EMA)")
   steps = [b["step"] for b in data["by_step"]]
-  ax.plot(steps, [b["eval_loss"] for b in data["by_step"]], "o-", ms=4,
+  ax.plot(steps, [b["eval_loss"] for b in data["by_step"]], "o-", ms=4, color="C1",
           label="MAE held-out loss (checkpoints)")
   ax.axhline(data["loss"]["mean_predictor"], color="r", ls="--", lw=1,
              label="predicting the crop mean (held-out)")
@@ -258,6 +262,9 @@ def plot_scaling(data, runs, path):
     ax.axhline(_nan(corum(data["methods"][m])), color="k", ls=style, lw=1, label=LABELS[m])
   ax.axhline(CHANCE, color="grey", lw=0.8, label="chance")
   ax.set_xlabel("training FLOPs (forward + backward)")
+  per_step = data["batch_size"] * data["train_gflops_per_image"] * 1e9
+  top = ax.secondary_xaxis("top", functions=(lambda f: f / per_step, lambda s: s * per_step))
+  top.set_xlabel("steps", fontsize=8)
   ax.set_ylabel(f"CORUM recall, TVN")
   ax.set_title("MAE recall against training compute")
   ax.legend(fontsize=6)
@@ -297,7 +304,8 @@ def summary_lines(data) -> list:
       f"- Arm-mates (mean cosine of unrelated genes on one arm, MAE): "
       f"{_fmt(data['arm_mates']['before'])} before, {_fmt(data['arm_mates']['after'])} after "
       "arm centring.",
-      f"- Wall time of this invocation {t['this_invocation_s']:.0f} s; stages (first runs): " +
+      f"- Wall time: {t['stages_total_s']:.0f} s over all stages as first run "
+      f"({t['this_invocation_s']:.0f} s this invocation): " +
       ", ".join(f"{k} {v:.0f} s" for k, v in t["stages_s"].items()) +
       f"; load average {t['load_average']['min']:.1f}–{t['load_average']['max']:.1f} on "
       f"{t['cpus']} cores (this process got {100 * t['cpu_share']:.0f} % of them).",

@@ -157,6 +157,7 @@ def _fake_report():
                    "ratio_to_mean_predictor": 0.5},
           "arm_mates": {"before": 0.2, "after": 0.0},
           "timing": {"this_invocation_s": 1.0, "stages_s": {"screen": 1.0}, "cpus": 2,
+                     "stages_total_s": 1.0,
                      "cpu_share": 0.5, "load_average": {"min": 1.0, "max": 2.0}}}
   data["gains"] = {m: report.corum(data["methods"][m]) - report.CHANCE for m in report.METHODS}
   data["gains"]["mae_over_random_init"] = data["gains"]["mae"] / data["gains"]["random_init"]
