@@ -23,8 +23,6 @@ The last stdout line is report.json.
 import json
 import logging
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -33,7 +31,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
-from mae_jax import cli
+from mae_jax import cli, stages
+from mae_jax.stages import log
 
 DEFAULT_BUDGET_MINUTES = 5.0  # sized so the whole default command takes <= 20 min on 2 free cores
 RECALL_VARIANTS = {  # name -> score_wells options
@@ -68,87 +67,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 
 
-def log(msg):
-  print(f"demo: {msg}", file=sys.stderr, flush=True)
-
-
-def write_json(path, obj):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-def read_json(path):
-  with open(path) as f:
-    return json.load(f)
-
-
-def _cpu_seconds():
-  """CPU seconds of this process and its finished children (rendering, conversion workers)."""
-  usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-  return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
-class Timer:
-  """Wall seconds of each stage, kept across reruns in DIR/timings.json, plus the machine load."""
-
-  def __init__(self, out):
-    self.path = os.path.join(out, "timings.json")
-    self.data = read_json(self.path) if os.path.exists(self.path) else {"stages": {}}
-    self.start = time.time()
-    self.load = [os.getloadavg()[0]]
-
-  def stage(self, name, done, fn):
-    """Runs fn() unless `done` (a path) exists; returns whether it ran."""
-    if done is not None and os.path.exists(done):
-      log(f"{name}: reusing {done}")
-      return False
-    log(f"{name}: running")
-    t0, c0 = time.time(), _cpu_seconds()
-    fn()
-    if done is None and name in self.data["stages"]:
-      return True  # a stage that always runs (and reuses its parts) keeps its first timing
-    self.data["stages"][name] = round(time.time() - t0, 1)
-    self.data.setdefault("stages_cpu", {})[name] = round(_cpu_seconds() - c0, 1)
-    self.load.append(os.getloadavg()[0])
-    write_json(self.path, self.data)
-    log(f"{name}: {time.time() - t0:.0f} s (load average {os.getloadavg()[0]:.1f})")
-    return True
-
-  def summary(self):
-    wall, cpu = time.time() - self.start, _cpu_seconds()
-    return {"this_invocation_s": round(wall, 1), "stages_s": self.data["stages"],
-            "stages_total_s": round(sum(self.data["stages"].values()), 1),
-            "stages_cpu_s": self.data.get("stages_cpu", {}),
-            "cpu_s": round(cpu, 1), "cpus": os.cpu_count(),
-            "cpu_share": round(cpu / max(wall, 1e-9) / (os.cpu_count() or 1), 3),
-            "load_average": {"min": min(self.load), "max": max(self.load),
-                             "mean": round(sum(self.load) / len(self.load), 2)}}
-
-
-def run_module(args, what):
-  """python -m args..., its stderr streamed through; returns its last stdout line as JSON."""
-  cmd = [sys.executable, "-m"] + list(args)
-  log(" ".join(cmd[2:]))
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  last_err = ""
-  for line in proc.stderr:
-    sys.stderr.write(line)
-    if line.strip():
-      last_err = line.strip()
-  stdout = proc.stdout.read()
-  if proc.wait():
-    raise cli.UserError(f"{what} failed: {last_err}")
-  return json.loads(stdout.strip().splitlines()[-1])
-
-
 # -- stages -------------------------------------------------------------------------------------
 def make_screen(paths):
   args = ["data_prep.synthetic", f"--out={paths['screen']}", f"--workers={_WORKERS.value}"]
   args += [f"--{n}={flags.FLAGS[n].value}" for n in SCREEN_FLAGS
            if flags.FLAGS[n].value is not None]
-  run_module(args, "data_prep.synthetic")
+  stages.run_module(args, "data_prep.synthetic")
 
 
 def check_screen(paths):
@@ -156,7 +80,7 @@ def check_screen(paths):
   done = os.path.join(paths["screen"], "ground_truth", "screen.json")
   if not os.path.exists(done):
     return
-  have = read_json(done)["parameters"]
+  have = stages.read_json(done)["parameters"]
   for n in SCREEN_FLAGS:
     want = flags.FLAGS[n].value
     if want is not None and have.get(n) != want:
@@ -165,25 +89,12 @@ def check_screen(paths):
 
 
 def make_shards(paths):
-  size = read_json(os.path.join(paths["screen"], "ground_truth", "screen.json"))["image_size"]
-  run_module(["data_prep.convert", "--layout=rxrx3", f"--root={paths['screen']}",
+  screen = stages.read_json(os.path.join(paths["screen"], "ground_truth", "screen.json"))
+  size = screen["image_size"]
+  stages.run_module(["data_prep.convert", "--layout=rxrx3", f"--root={paths['screen']}",
               f"--out={paths['shards']}", f"--image_size={size}", f"--workers={_WORKERS.value}"],
              "data_prep.convert")
 
-
-def save_wells(path, emb, meta):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, emb=np.asarray(emb, np.float32), meta=np.array(meta.to_csv(index=False)))
-  os.replace(tmp, path)
-
-
-def load_wells(path):
-  import io  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-  with np.load(path) as z:
-    return z["emb"], pd.read_csv(io.StringIO(str(z["meta"])), keep_default_na=False)
 
 
 def make_ceiling(paths, path):
@@ -200,7 +111,7 @@ def make_ceiling(paths, path):
   if missing:
     raise cli.UserError(f"{paths['screen']}/ground_truth/wells.csv: no latent for well "
                         f"{missing[0]} (and {len(missing) - 1} more)")
-  save_wells(path, truth.loc[meta["well_id"]].to_numpy(np.float32), meta)
+  stages.save_wells(path, truth.loc[meta["well_id"]].to_numpy(np.float32), meta)
 
 
 def make_pixel_stats(paths, path):
@@ -214,7 +125,7 @@ def make_pixel_stats(paths, path):
       step["next"] += 0.25
   feats, site_meta = baselines.manifest_features(paths["manifest"], workers=_WORKERS.value,
                                                  progress=progress)
-  save_wells(path, *embed.wells_from_sites(feats, site_meta))
+  stages.save_wells(path, *embed.wells_from_sites(feats, site_meta))
 
 
 def run_id():
@@ -277,10 +188,10 @@ def train_run(paths):
   from mae_jax import train  # pylint: disable=g-import-not-at-top
   plan_path = os.path.join(paths["run"], "plan.json")
   if os.path.exists(plan_path):
-    plan = read_json(plan_path)
+    plan = stages.read_json(plan_path)
   else:
     plan = plan_training(paths)
-    write_json(plan_path, plan)
+    stages.write_json(plan_path, plan)
   config = run_config(paths, plan["total_steps"])
   t0 = time.time()
   result = train.train_and_evaluate(config, paths["train"])
@@ -290,13 +201,13 @@ def train_run(paths):
   if result["status"] != "done":
     raise cli.UserError(f"training stopped at step {result['step']} ({result['status']}); rerun "
                         "the same command to resume")
-  write_json(os.path.join(paths["run"], "train_done.json"),
+  stages.write_json(os.path.join(paths["run"], "train_done.json"),
              {**result, "seconds": round(time.time() - t0, 1), **plan})
 
 
 def eval_steps(paths):
   """Checkpoint steps scored for recall by step: the final one, its half, quarter, ..."""
-  total = read_json(os.path.join(paths["train"], "config.json"))["total_steps"]
+  total = stages.read_json(os.path.join(paths["train"], "config.json"))["total_steps"]
   ckpts = sorted(int(p) for p in os.listdir(os.path.join(paths["train"], "checkpoints"))
                  if p.isdigit())
   wanted = [total // 2 ** k for k in range(max(1, _EVAL_POINTS.value))]
@@ -320,16 +231,8 @@ def embed_model(paths, path, model_cfg=None, ckpt=None, seed=0):
   from eval import embed  # pylint: disable=g-import-not-at-top
   mesh, model = _mesh_and_model(model_cfg, ckpt, seed)
   site_emb, site_meta = embed.embed_manifest(model, paths["manifest"], mesh=mesh, batch_size=64)
-  save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
+  stages.save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
 
-
-def _plain(v):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if isinstance(v, np.generic):
-    return v.item()
-  if isinstance(v, np.ndarray):
-    return v.tolist()
-  raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
 def score(paths, emb_path, out_dir, shared):
@@ -346,13 +249,13 @@ def score(paths, emb_path, out_dir, shared):
       if not shared:
         shared.update(pairs_by_source=recall.load_sources(recall.DEFAULTS["sources"]),
                       expression=recall.load_expression(paths["expression"]))
-      emb, meta = load_wells(emb_path)
+      emb, meta = stages.load_wells(emb_path)
       result = recall.score_wells(emb, meta, **shared, **options)
       os.makedirs(target, exist_ok=True)
-      data = json.loads(json.dumps(recall.public(result), default=_plain))
+      data = json.loads(json.dumps(recall.public(result), default=stages.plain))
       data["settings"]["expression"] = paths["expression"]
-      write_json(done, data)
-    results[name] = read_json(done)
+      stages.write_json(done, data)
+    results[name] = stages.read_json(done)
   return results
 
 
@@ -411,7 +314,7 @@ def pipeline(out):
   os.makedirs(out, exist_ok=True)
   for k in ("features", "run"):
     os.makedirs(paths[k], exist_ok=True)
-  timer = Timer(out)
+  timer = stages.Timer(out)
   timer.stage("screen", os.path.join(paths["screen"], "ground_truth", "screen.json"),
               lambda: make_screen(paths))
   timer.stage("shards", paths["manifest"], lambda: make_shards(paths))
@@ -425,8 +328,8 @@ def pipeline(out):
   key = report.config_key(model_cfg, seed)
   random_init = os.path.join(paths["features"], f"random_init_{key}.npz")
   timer.stage("train", os.path.join(paths["run"], "train_done.json"), lambda: train_run(paths))
-  train_info = read_json(os.path.join(paths["run"], "train_done.json"))
-  config = read_json(os.path.join(paths["train"], "config.json"))
+  train_info = stages.read_json(os.path.join(paths["run"], "train_done.json"))
+  config = stages.read_json(os.path.join(paths["train"], "config.json"))
   timer.stage("embed_random_init", random_init,
               lambda: embed_model(paths, random_init, model_cfg=model_cfg, seed=seed))
   steps = eval_steps(paths)
@@ -461,16 +364,16 @@ def pipeline(out):
     import numpy as np  # pylint: disable=g-import-not-at-top
     by_step, grid = loss_evaluation(paths, model_cfg, seed, steps)
     np.savez(grid_path, patch_size=model_cfg.patch_size, **grid)
-    write_json(loss_path, {str(k): v for k, v in by_step.items()})
+    stages.write_json(loss_path, {str(k): v for k, v in by_step.items()})
   timer.stage("loss", loss_path, losses)
 
   per_image = flops.flops_per_image(config_dict(config["model"]))
   data = report.build(
       device=describe_device(), budget_minutes=None if _STEPS.value else _BUDGET.value,
       scores=scores, steps=steps, config=config, train_info=train_info,
-      loss_by_step={int(k): v for k, v in read_json(loss_path).items()},
+      loss_by_step={int(k): v for k, v in stages.read_json(loss_path).items()},
       metrics_path=os.path.join(paths["train"], "metrics.jsonl"), flops_per_image=per_image,
-      screen=read_json(os.path.join(paths["screen"], "ground_truth", "screen.json")),
+      screen=stages.read_json(os.path.join(paths["screen"], "ground_truth", "screen.json")),
       timing=timer.summary(), run=run_id())
   report.write(out, paths["run"], data, grid_path)
   return data
@@ -517,7 +420,7 @@ def main(argv):
     path = os.path.join(out, "report.json")
     if not os.path.exists(path):
       raise cli.UserError(f"{path} does not exist: run the demo first")
-    data = read_json(path)
+    data = stages.read_json(path)
   else:
     data = pipeline(out)
   if _README.value:
