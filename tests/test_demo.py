@@ -1,6 +1,7 @@
 """mae_jax.demo end to end at a tiny size, its rerun and user errors; baselines; README block."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,6 +93,23 @@ def test_rerun_reuses_every_stage(tiny_run):
                                   if l.startswith("demo:") and "score" not in l)
   after = json.loads(proc.stdout.strip().splitlines()[-1])
   assert after["methods"] == before["methods"] and after["by_step"] == before["by_step"]
+
+
+def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path):
+  """The default path: a probe times real steps and the budget sets total_steps; the new run
+  joins the earlier one in the scaling figure and README runs table."""
+  tmp, _ = tiny_run
+  out = tmp_path / "out"
+  shutil.copytree(tmp / "out", out)
+  proc = demo(f"--out={out}", "--budget_minutes=0.5", *[a for a in TINY if "--steps" not in a])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (run,) = [p for p in (out / "runs").iterdir() if p.name.startswith("budget_0.5min")]
+  plan = json.loads((run / "plan.json").read_text())
+  assert plan["source"] == "probe" and plan["step_time_s"] > 0 and plan["total_steps"] >= 2
+  data = json.loads((out / "report.json").read_text())
+  assert data["budget_minutes"] == 0.5 and data["total_steps"] == plan["total_steps"]
+  names = sorted(r["run"].split("_")[0] for r in report.all_runs(str(out)))
+  assert names == ["budget", "steps"]
 
 
 def test_user_errors_are_one_line(tmp_path):
