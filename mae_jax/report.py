@@ -301,6 +301,7 @@ def summary_lines(data) -> list:
       f"- Gain over chance (CORUM recall with TVN − {CHANCE}): MAE {_fmt(g['mae'])}, random init "
       f"{_fmt(g['random_init'])} (ratio {_fmt(ratio, 2) if ratio is not None else 'n/a'}), "
       f"pixel statistics {_fmt(g['pixel_stats'])}, ceiling {_fmt(g['ceiling'])}.",
+      _noise_line(data),
       f"- Arm-mates (mean cosine of unrelated genes on one arm, MAE): "
       f"{_fmt(data['arm_mates']['before'])} before, {_fmt(data['arm_mates']['after'])} after "
       "arm centring.",
@@ -311,6 +312,16 @@ def summary_lines(data) -> list:
       f"{t['cpus']} cores (this process got {100 * t['cpu_share']:.0f} % of them).",
   ]
   return lines
+
+
+def _noise_line(data) -> str:
+  """Differences between methods read against the sampling noise of the few CORUM pairs."""
+  pairs = data["methods"]["mae"]["sources"]["CORUM"].get("pairs")  # none where CORUM was skipped
+  r = corum(data["methods"]["mae"])
+  se = (r * (1 - r) / pairs) ** 0.5 if pairs and r is not None else None
+  return (f"- CORUM has {pairs} gene pairs in this screen: a recall near {_fmt(r, 2)} carries a "
+          f"binomial standard error of about {_fmt(se, 2)}, so read differences below about twice "
+          "that as noise.")
 
 
 def check_lines(data) -> list:

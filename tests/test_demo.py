@@ -164,7 +164,7 @@ def test_readme_block_is_replaced_in_place(tmp_path):
 
 
 def _fake_report():
-  r = lambda v: {"sources": {s: {"recall_0.05_0.95": v} for s in report.SOURCES}}
+  r = lambda v: {"sources": {s: {"recall_0.05_0.95": v, "pairs": 50} for s in report.SOURCES}}
   method = lambda v: {**r(v), "uncorrected": r(0.1), "tvn_no_arm": r(v),
                       "arm_correction": {"arm_mates_before": 0.2, "arm_mates_after": 0.0}}
   data = {"device": "cpu", "run": "steps_1", "total_steps": 1, "batch_size": 2,
@@ -181,3 +181,5 @@ def _fake_report():
   data["gains"]["mae_over_random_init"] = data["gains"]["mae"] / data["gains"]["random_init"]
   data["checks"] = report.checks(data)
   return data
+  # 50 CORUM pairs at recall 0.3: sqrt(0.3 * 0.7 / 50) = 0.065.
+  assert "binomial standard error of about 0.06" in text
