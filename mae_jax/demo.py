@@ -316,7 +316,7 @@ def pipeline(out):
   os.makedirs(out, exist_ok=True)
   for k in ("features", "run"):
     os.makedirs(paths[k], exist_ok=True)
-  timer = stages.Timer(out)
+  timer = stages.Timer(out, paths["run"])
   timer.stage("screen", os.path.join(paths["screen"], "ground_truth", "screen.json"),
               lambda: make_screen(paths))
   timer.stage("shards", paths["manifest"], lambda: make_shards(paths))

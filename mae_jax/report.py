@@ -265,7 +265,9 @@ def plot_scaling(data, runs, path):
   per_step = data["batch_size"] * data["train_gflops_per_image"] * 1e9
   top = ax.secondary_xaxis("top", functions=(lambda f: f / per_step, lambda s: s * per_step))
   top.set_xlabel("steps", fontsize=8)
-  ax.set_ylabel(f"CORUM recall, TVN")
+  for axis in (ax.xaxis, top.xaxis):  # minor labels of a short log axis collide
+    axis.set_minor_formatter(plt.NullFormatter())
+  ax.set_ylabel("CORUM recall, TVN")
   ax.set_title("MAE recall against training compute")
   ax.legend(fontsize=6)
   fig.tight_layout()
@@ -309,7 +311,7 @@ def summary_lines(data) -> list:
       f"({t['this_invocation_s']:.0f} s this invocation): " +
       ", ".join(f"{k} {v:.0f} s" for k, v in t["stages_s"].items()) +
       f"; load average {t['load_average']['min']:.1f}–{t['load_average']['max']:.1f} on "
-      f"{t['cpus']} cores (this process got {100 * t['cpu_share']:.0f} % of them).",
+      f"{t['cpus']} cores (the stages kept {100 * t['cpu_share']:.0f} % of them busy).",
   ]
   return lines
 

@@ -34,13 +34,20 @@ def _cpu_seconds():
 
 
 class Timer:
-  """Wall seconds of each stage, kept across reruns in DIR/timings.json, plus the machine load."""
+  """Wall and CPU seconds of each stage as first run, kept across reruns, plus the machine load.
 
-  def __init__(self, out):
-    self.path = os.path.join(out, "timings.json")
-    self.data = read_json(self.path) if os.path.exists(self.path) else {"stages": {}}
+  Stages whose output lies in the run's folder (or that have none) are timed in RUN/timings.json,
+  the others (screen, shards, baselines: shared by every run in DIR) in DIR/timings.json, so a
+  report adds up its own run's stages and the shared ones it used.
+  """
+
+  def __init__(self, out, run_dir):
+    self.run_dir = os.path.join(os.path.abspath(run_dir), "")
+    self.paths = {"shared": os.path.join(out, "timings.json"),
+                  "run": os.path.join(run_dir, "timings.json")}
+    self.books = {k: read_json(p) if os.path.exists(p) else {"stages": {}}
+                  for k, p in self.paths.items()}
     self.start = time.time()
-    self.load = [os.getloadavg()[0]]
 
   def stage(self, name, done, fn):
     """Runs fn() unless `done` (a path) exists; returns whether it ran."""
@@ -50,24 +57,29 @@ class Timer:
     log(f"{name}: running")
     t0, c0 = time.time(), _cpu_seconds()
     fn()
-    if done is None and name in self.data["stages"]:
+    which = "run" if done is None or os.path.abspath(done).startswith(self.run_dir) else "shared"
+    book = self.books[which]
+    if done is None and name in book["stages"]:
       return True  # a stage that always runs (and reuses its parts) keeps its first timing
-    self.data["stages"][name] = round(time.time() - t0, 1)
-    self.data.setdefault("stages_cpu", {})[name] = round(_cpu_seconds() - c0, 1)
-    self.load.append(os.getloadavg()[0])
-    write_json(self.path, self.data)
+    book["stages"][name] = round(time.time() - t0, 1)
+    book.setdefault("stages_cpu", {})[name] = round(_cpu_seconds() - c0, 1)
+    book.setdefault("load", {})[name] = round(os.getloadavg()[0], 2)
+    write_json(self.paths[which], book)
     log(f"{name}: {time.time() - t0:.0f} s (load average {os.getloadavg()[0]:.1f})")
     return True
 
   def summary(self):
-    wall, cpu = time.time() - self.start, _cpu_seconds()
-    return {"this_invocation_s": round(wall, 1), "stages_s": self.data["stages"],
-            "stages_total_s": round(sum(self.data["stages"].values()), 1),
-            "stages_cpu_s": self.data.get("stages_cpu", {}),
-            "cpu_s": round(cpu, 1), "cpus": os.cpu_count(),
-            "cpu_share": round(cpu / max(wall, 1e-9) / (os.cpu_count() or 1), 3),
-            "load_average": {"min": min(self.load), "max": max(self.load),
-                             "mean": round(sum(self.load) / len(self.load), 2)}}
+    """Timings of the stages as first run (a rerun that reuses them reports the same)."""
+    merged = lambda key: {k: v for b in self.books.values() for k, v in b.get(key, {}).items()}
+    stages, cpu = merged("stages"), merged("stages_cpu")
+    load = list(merged("load").values()) or [os.getloadavg()[0]]
+    total = sum(stages.values())
+    return {"this_invocation_s": round(time.time() - self.start, 1), "stages_s": stages,
+            "stages_total_s": round(total, 1), "stages_cpu_s": cpu,
+            "cpu_s": round(sum(cpu.values()), 1), "cpus": os.cpu_count(),
+            "cpu_share": round(sum(cpu.values()) / max(total, 1e-9) / (os.cpu_count() or 1), 3),
+            "load_average": {"min": min(load), "max": max(load),
+                             "mean": round(sum(load) / len(load), 2)}}
 
 
 def run_module(args, what):

@@ -110,6 +110,10 @@ def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path):
   assert data["budget_minutes"] == 0.5 and data["total_steps"] == plan["total_steps"]
   names = sorted(r["run"].split("_")[0] for r in report.all_runs(str(out)))
   assert names == ["budget", "steps"]
+  # Its timing adds up its own stages and the shared ones, not the earlier run's.
+  embeds = {k for k in data["timing"]["stages_s"] if k.startswith("embed_step_")}
+  assert embeds == {f"embed_step_{b['step']}" for b in data["by_step"] if b["step"]}
+  assert {"screen", "train", "embed_random_init"} <= set(data["timing"]["stages_s"])
 
 
 def test_user_errors_are_one_line(tmp_path):
