@@ -197,8 +197,9 @@ def _settings(o):
 
 
 def public(result: dict) -> dict:
-  """The JSON part of a result (drops "_map")."""
-  return {k: v for k, v in result.items() if not k.startswith("_")}
+  """The JSON part of a result (drops "_map"), numpy scalars and arrays as plain Python."""
+  data = {k: v for k, v in result.items() if not k.startswith("_")}
+  return json.loads(json.dumps(data, default=_json_default))
 
 
 def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
@@ -214,7 +215,7 @@ def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
     return tmp[name]
   try:
     with open(target("recall.json"), "w") as f:
-      json.dump(data, f, indent=1, default=_json_default)
+      json.dump(data, f, indent=1)
     keys = list(data.get("chance", {}))
     with open(target("recall.csv"), "w") as f:
       f.write(",".join(["source", "pairs", "entities"] + keys + ["skipped"]) + "\n")
@@ -233,7 +234,7 @@ def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
     for path in tmp.values():
       if os.path.exists(path):
         os.remove(path)
-  return json.loads(json.dumps(data, default=_json_default))
+  return data
 
 
 def _json_default(v):

@@ -254,7 +254,7 @@ def score(paths, emb_path, out_dir, shared):
       emb, meta = stages.load_wells(emb_path)
       result = recall.score_wells(emb, meta, **shared, **options)
       os.makedirs(target, exist_ok=True)
-      data = json.loads(json.dumps(recall.public(result), default=stages.plain))
+      data = recall.public(result)
       data["settings"]["expression"] = paths["expression"]
       stages.write_json(done, data)
     results[name] = stages.read_json(done)

@@ -111,12 +111,3 @@ def load_wells(path):
   import pandas as pd  # pylint: disable=g-import-not-at-top
   with np.load(path) as z:
     return z["emb"], pd.read_csv(io.StringIO(str(z["meta"])), keep_default_na=False)
-
-
-def plain(v):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if isinstance(v, np.generic):
-    return v.item()
-  if isinstance(v, np.ndarray):
-    return v.tolist()
-  raise TypeError(f"not JSON serialisable: {type(v).__name__}")
