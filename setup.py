@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["mae_jax", "mae_jax.*", "data_prep", "data_prep.*", "configs",
                                     "eval", "eval.*"]),
-    package_data={"mae_jax": ["data/*"]},
+    package_data={"mae_jax.data": ["*.tsv.gz"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -4,7 +4,7 @@
 
 Prints JSON lines: the machine's matmul peak measured in this process, then
 {"model", "batch", "crops_per_s", "gflops_per_s", "peak_gflops_per_s", "fraction_of_peak"} where the
-FLOPs come from `mae_jax/flops.py` (2 per multiply-accumulate, norms and softmax not counted).
+FLOPs come from `mae_jax/models/flops.py` (2 per multiply-accumulate, norms and softmax not counted).
 """
 import argparse
 import importlib
@@ -26,7 +26,7 @@ def main():
   import jax
   import numpy as np
   from flax import nnx
-  from mae_jax import flops, mae
+  from mae_jax.models import flops, mae
 
   peak = common.matmul_peak_gflops(args.precision)
   common.emit(yardstick="matmul", dtype=args.precision, peak_gflops_per_s=peak,

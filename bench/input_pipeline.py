@@ -22,8 +22,8 @@ import time
 from absl import flags
 import numpy as np
 
-from mae_jax import input_pipeline
-from mae_jax import records
+from mae_jax.data import input_pipeline
+from mae_jax.data import records
 
 GOAL_CROPS_PER_S = 2000.0
 

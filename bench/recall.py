@@ -28,7 +28,7 @@ THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 
 
 def make_map(n, d, seed=0, planted=0.05):
-  from mae_jax import resources
+  from mae_jax.data import resources
   pairs = {s: resources.load_relationships(s) for s in resources.SOURCES}
   genes = sorted({g for p in pairs.values() for pair in p for g in pair})
   labels = (genes + [f"RXRX3-{k:05d}" for k in range(max(0, n - len(genes)))])[:n]
@@ -82,7 +82,7 @@ def _same_s(x, labels, pairs):
 
 
 def child(kind, data_dir):
-  from mae_jax import resources
+  from mae_jax.data import resources
   x = np.load(os.path.join(data_dir, "x.npy"))
   with open(os.path.join(data_dir, "labels.json")) as f:
     labels = json.load(f)

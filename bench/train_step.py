@@ -4,7 +4,7 @@
                              [--steps=3] [--threads=2]
 
 One JSON line per run: model, precision, batch, images_per_s, gflops_per_s (the FLOP model of
-mae_jax/flops.py: fwd + bwd, 2 FLOPs per MAC), peak_gflops_per_s (a jitted 2048^2 matmul of the
+mae_jax/models/flops.py: fwd + bwd, 2 FLOPs per MAC), peak_gflops_per_s (a jitted 2048^2 matmul of the
 same dtype measured in this process right before and after the run, bench/common.py),
 fraction_of_peak, step_s (best of --steps), compile_s.
 The step is the real one (masking, encoder, decoder, Fourier loss, backward, clipping, Lion or
@@ -44,22 +44,22 @@ def measure(name, precision, batch, steps):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mae_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config.update(batch_size=batch, precision=precision)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   rules = sharding.normalize_rules(config.sharding_rules)
-  graphdef, tx, abstract, init = train.build_state(config, mesh)
+  graphdef, tx, abstract, init = step_lib.build_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   m = config.model
   images = np.random.default_rng(0).integers(
       0, 256, (batch, m.image_size, m.image_size, m.channels), dtype=np.uint8)
-  with train.mesh_context(mesh, rules):
+  with step_lib.mesh_context(mesh, rules):
     state = init()
     images = jax.device_put(images, sharding.batch_sharding(mesh, rules))
     rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
     start = time.perf_counter()
-    step = train.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
+    step = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
         state, images, rng).compile()
     compile_s = time.perf_counter() - start
     state, metrics = step(state, images, rng)  # warm-up
@@ -91,7 +91,7 @@ def main(argv=None):
     parser.error("--steps must be >= 1 and --threads >= 0")
   if args.threads:
     common.configure_threads(args.threads)
-  from mae_jax import flops  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
   for name, precision, batch in runs:
     before = common.matmul_peak_gflops(precision)  # the yardstick right before and after
     step_s, compile_s, config = measure(name, precision, batch, args.steps)

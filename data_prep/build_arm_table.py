@@ -18,7 +18,7 @@ import re
 import sys
 import zipfile
 
-from mae_jax import resources
+from mae_jax.data import resources
 
 VALID_CHROMS = [f"chr{i}" for i in range(1, 23)] + ["chrX", "chrY"]
 

@@ -39,7 +39,7 @@ import tqdm
 from data_prep import layouts
 from data_prep.layouts import common
 from data_prep.layouts.common import ConvertError, Site
-from mae_jax import records
+from mae_jax.data import records
 
 STATS_SUFFIX = ".stats.json"
 PLAN_VERSION = 1

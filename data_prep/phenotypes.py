@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from data_prep import render
-from mae_jax import resources
+from mae_jax.data import resources
 
 PLANT_SOURCES = ("HuMAP", "Reactome", "StringDB")
 SOURCE_SHARE = {"HuMAP": 0.4, "StringDB": 0.35, "Reactome": 0.25}

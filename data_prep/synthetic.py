@@ -34,7 +34,7 @@ import numpy as np
 
 from data_prep import phenotypes
 from data_prep import render
-from mae_jax import resources
+from mae_jax.data import resources
 
 METADATA_COLUMNS = ("well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES",
                     "concentration", "perturbation_type", "cell_type")

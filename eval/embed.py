@@ -16,7 +16,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mae_jax import checkpointing, input_pipeline, sharding
+from mae_jax.train import checkpointing, sharding
+
+from mae_jax.data import input_pipeline
 
 WELL_COLUMNS = ("well_id", "experiment", "plate", "well", "perturbation", "gene", "perturbation_type",
                 "is_control", "concentration", "smiles", "cell_type")

@@ -28,7 +28,7 @@ from eval import aggregate as agg
 from eval import benchmarks
 from eval import correct
 from eval import tables
-from mae_jax import resources
+from mae_jax.data import resources
 
 DEFAULTS = dict(batch_correction="tvn", coral=True, batch_key="experiment",
                 control="EMPTY_control", arm_correction="auto", expression=None,

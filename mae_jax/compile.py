@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax.util import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target TPU slice, e.g. v5p-128, v4-64, v5e-256, "
@@ -214,13 +214,13 @@ def topology_mesh(config, devices):
   """
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType, Mesh  # pylint: disable=g-import-not-at-top
-  from mae_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import ConfigError, sharding, step as step_lib  # pylint: disable=g-import-not-at-top
   try:
     shape = sharding.mesh_shape(config.mesh, len(devices))
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     mesh = Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
-    train.check_batch(config, mesh)
-  except (sharding.MeshError, train.ConfigError) as e:
+    step_lib.check_batch(config, mesh)
+  except (sharding.MeshError, ConfigError) as e:
     raise cli.UserError(str(e)) from e
   return mesh
 
@@ -229,15 +229,16 @@ def compile_step(config, topology: Topology, mesh, backend: str) -> dict:
   """Lowers and compiles the real train step on `mesh`; memory, FLOPs and timings."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mae_jax import flops, sharding, train  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
 
-  per_device, _ = train.check_batch(config, mesh)
+  per_device, _ = step_lib.check_batch(config, mesh)
   devices = mesh.devices.flatten()
   rules = sharding.normalize_rules(config.sharding_rules)
   m = config.model
 
   t0 = time.perf_counter()
-  graphdef, tx, abstract, _ = train.build_state(config, mesh)
+  graphdef, tx, abstract, _ = step_lib.build_state(config, mesh)
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
     try:
       leaf.sharding.shard_shape(leaf.shape)
@@ -251,8 +252,8 @@ def compile_step(config, topology: Topology, mesh, backend: str) -> dict:
                                 sharding=sharding.batch_sharding(mesh, rules))
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  with train.mesh_context(mesh, rules):
-    lowered = train.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
+  with step_lib.mesh_context(mesh, rules):
+    lowered = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
         abstract, images, key)
   lower_s = time.perf_counter() - t0
 
@@ -322,7 +323,7 @@ def report(r: dict) -> str:
         f"total {_size(r['per_device_bytes'])} of {r['hbm_bytes'] / GIB:.0f} GiB: {verdict}")
     lines.append(
         f"step: {_flop(r['step_flops'])} (XLA cost analysis, {_flop(r['step_flops_per_device'])} "
-        f"per device) vs analytical {_flop(r['analytical_step_flops'])} (mae_jax/flops.py x batch)")
+        f"per device) vs analytical {_flop(r['analytical_step_flops'])} (mae_jax/models/flops.py x batch)")
   else:
     lines.append(f"per device: the compiler needs at least {_size(r['per_device_bytes'])} of "
                  f"{r['hbm_bytes'] / GIB:.0f} GiB: {verdict} ({r['error']})")
@@ -393,7 +394,7 @@ def scaling_block(rows) -> str:
       "is the real train step, lowered over the sharded abstract state and compiled for the",
       "topology on a machine without TPUs, as MaxText's `train_compile.py` does. Memory is per",
       "device: arguments + outputs + temporaries, the donated train state counted once. Step",
-      "FLOPs: XLA's cost analysis / `mae_jax/flops.py` x batch. XLA's count includes the remat",
+      "FLOPs: XLA's cost analysis / `mae_jax/models/flops.py` x batch. XLA's count includes the remat",
       "recomputation (4/3 of the analytical count) but counts the body of a loop once, and the",
       "TPU compiler turns large FSDP all-gather + matmul pairs into such loops (collective",
       "matmuls: 13 of them in a 2-layer ViT-L/16 at fsdp 32), so it can fall below the",

@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax.util import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
@@ -76,16 +76,16 @@ def main(argv):
   if not config.dry_run and not _WORKDIR.value:
     raise cli.UserError("--workdir is required")
   _initialize_distributed()
-  from mae_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
-  errors = (train.ConfigError, sharding.MeshError, checkpointing.CheckpointError)
+  from mae_jax.train import ConfigError, checkpointing, loop, sharding  # pylint: disable=g-import-not-at-top
+  errors = (ConfigError, sharding.MeshError, checkpointing.CheckpointError)
   logging.info("config file %s", config_flags.get_config_filename(flags.FLAGS["config"]))
   for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
     logging.info("override %s = %r", key, value)
   try:
     if config.dry_run:
-      result = train.dry_run(config, compile_step=_DRY_RUN_COMPILE.value)
+      result = loop.dry_run(config, compile_step=_DRY_RUN_COMPILE.value)
     else:
-      result = train.train_and_evaluate(config, _WORKDIR.value, stop_at=_STOP_AT.value)
+      result = loop.train_and_evaluate(config, _WORKDIR.value, stop_at=_STOP_AT.value)
   except errors as e:
     raise cli.UserError(str(e)) from None
   import jax  # pylint: disable=g-import-not-at-top
@@ -113,7 +113,7 @@ def run():
     except (cli.UserError, OSError) as e:  # OSError: also a config file that failed to load
       cli.fail(cli.one_line(e))
     except Exception as e:  # pylint: disable=broad-except
-      from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
       if isinstance(e, input_pipeline.InputError):
         cli.fail(cli.one_line(e))
       raise

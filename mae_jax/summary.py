@@ -4,7 +4,7 @@ r"""Model summary from abstract shapes: parameters, tokens, FLOPs per image, mem
     python -m mae_jax.summary --zoo=README.md   # regenerate the README's model-zoo table
 
 Nothing is allocated (`nnx.eval_shape`), so even ViT-G/8 takes seconds. FLOPs follow the model
-documented in `mae_jax/flops.py`. The last stdout line is one JSON object (contracts.md).
+documented in `mae_jax/models/flops.py`. The last stdout line is one JSON object (contracts.md).
 """
 import json
 import pathlib
@@ -17,7 +17,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mae_jax import cli, flops, mae
+from mae_jax.util import cli
+
+from mae_jax.models import flops, mae
 
 
 

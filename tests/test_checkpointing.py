@@ -11,7 +11,8 @@ from flax import nnx
 from orbax.checkpoint._src.path import atomicity
 
 from configs import tiny
-from mae_jax import checkpointing, mae, sharding, train
+from mae_jax.train import ConfigError, batches, checkpointing, loop, sharding, step as step_lib
+from mae_jax.models import mae
 
 
 def _mesh(shape):
@@ -33,11 +34,11 @@ def saved(tmp_path_factory, devices, fast_compiles):
   config = tiny.get_config()
   mesh = _mesh((8, 1, 1))
   rules = sharding.normalize_rules(config.sharding_rules)
-  _, _, abstract, init = train.build_state(config, mesh)
-  with train.mesh_context(mesh, rules):
+  _, _, abstract, init = step_lib.build_state(config, mesh)
+  with step_lib.mesh_context(mesh, rules):
     state = init()
-  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
-  train.write_config(config, workdir, resuming=False)
+  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
+  loop.write_config(config, workdir, resuming=False)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), save_every=2, keep=2)
   try:
     saved_steps = []
@@ -65,8 +66,8 @@ def test_interval_keep_and_no_double_save(saved):
 def test_restore_onto_another_mesh(saved):
   config = saved["config"]
   mesh = _mesh((2, 2, 2))
-  _, _, abstract, _ = train.build_state(config, mesh)
-  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
+  _, _, abstract, _ = step_lib.build_state(config, mesh)
+  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(saved["workdir"]),
                                     save_every=2, keep=2)
   try:
@@ -108,7 +109,7 @@ def test_background_save_errors_surface(tmp_path, monkeypatch, devices):
     raise OSError("No space left on device")
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-  data = train.SyntheticCrops(tiny.get_config(), None)
+  data = batches.SyntheticCrops(tiny.get_config(), None)
   # At the loop's check before its next save...
   ckpt = checkpointing.Checkpointer(tmp_path / "a", save_every=1, keep=2)
   assert ckpt.save(1, {"w": jnp.ones(3)}, data)  # returns before the background write fails
@@ -157,8 +158,8 @@ def test_resume_refuses_another_model(saved, tmp_path):
   (tmp_path / "config.json").write_text((saved["workdir"] / "config.json").read_text())
   config = tiny.get_config()
   config.model.width = 128
-  with pytest.raises(train.ConfigError, match=r"other model settings \(model.width\)"):
-    train.write_config(config, tmp_path, resuming=True)
+  with pytest.raises(ConfigError, match=r"other model settings \(model.width\)"):
+    loop.write_config(config, tmp_path, resuming=True)
   config.model.width, config.batch_size = 64, 32  # other keys may change (with a warning)
-  train.write_config(config, tmp_path, resuming=True)
+  loop.write_config(config, tmp_path, resuming=True)
   assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 32

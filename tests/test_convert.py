@@ -17,7 +17,7 @@ import tifffile
 from data_prep import convert
 from data_prep import layouts
 from data_prep.layouts import ConvertError
-from mae_jax import records
+from mae_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 256  # site size of the fixtures (real: 512 / 2048 via --image_size)
@@ -427,7 +427,7 @@ def test_cli_subprocess(tmp_path):
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert summary["num_records"] == 8 and summary["shards_written"] == 5
   probe = subprocess.run(
-      [sys.executable, "-c", "import sys, numpy, data_prep.convert, mae_jax.records as r; "
+      [sys.executable, "-c", "import sys, numpy, data_prep.convert, mae_jax.data.records as r; "
        "r.encode_site(numpy.zeros((2, 2, 1), numpy.uint8), ['a'], {}); "
        "print('jax' in sys.modules)"],
       env=env, cwd=REPO, capture_output=True, text=True, timeout=60)

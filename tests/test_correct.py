@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from eval import correct as C
-from mae_jax import resources
+from mae_jax.data import resources
 
 
 def _screen(rng, n_batches=3, per_batch=400, d=16, ctrl_frac=0.5):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mae_jax import baselines, report
+from mae_jax.demo import baselines, report
 
 TINY = ["--genes=40", "--guides=2", "--experiments=2", "--plates=2", "--controls_per_plate=10",
         "--image_size=64", "--seed=3", "--steps=6", "--eval_points=2", "--workers=1",

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from eval import aggregate, recall, tables
-from mae_jax import resources
+from mae_jax.data import resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RXRX3_COLUMNS = ["well_id", "experiment_name", "plate", "address", "gene", "treatment",

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from mae_jax import records
+from mae_jax.data import records
 
 GENES = [f"GENE{i:02d}" for i in range(24)]
 CHANNELS = [f"w{i}" for i in range(1, 7)]

@@ -1,12 +1,12 @@
-"""Tests for mae_jax.input_pipeline: determinism, exact resume, process slices, corruption."""
+"""Tests for mae_jax.data.input_pipeline: determinism, exact resume, process slices, corruption."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from mae_jax import input_pipeline
-from mae_jax import records
+from mae_jax.data import input_pipeline
+from mae_jax.data import records
 
 NUM_SITES, HEIGHT, WIDTH, CROP = 24, 20, 24, 8
 

@@ -1,4 +1,4 @@
-"""The MAE of mae_jax/mae.py against the paper's definitions and plain-numpy references."""
+"""The MAE of mae_jax/models/mae.py against the paper's definitions and plain-numpy references."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,8 @@ from flax import nnx
 from scipy.special import erf
 
 from configs import common, tiny
-from mae_jax import mae, summary, vit
+from mae_jax.models import mae, vit
+from mae_jax import summary
 
 
 @pytest.fixture(autouse=True)

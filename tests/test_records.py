@@ -1,4 +1,4 @@
-"""Tests for mae_jax.records: framing, codec, sidecar index, manifest, corruption."""
+"""Tests for mae_jax.data.records: framing, codec, sidecar index, manifest, corruption."""
 import os
 import pickle
 import struct
@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from mae_jax import records
+from mae_jax.data import records
 
 CHANNELS = ["w1", "w2", "w3"]
 

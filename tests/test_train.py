@@ -21,7 +21,10 @@ import pytest
 from flax import nnx
 
 from configs import camae_vits16, tiny, vitb16, vitb8, vitg8, vitl16, vitl8, vits16
-from mae_jax import checkpointing, mae, records, sharding, train
+from mae_jax.train import ConfigError, batches, checkpointing, loop, metrics, sharding
+from mae_jax.train import step as step_lib
+from mae_jax.models import mae
+from mae_jax.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/tiny.py", "--config.total_steps=200", "--config.log_every=1",
@@ -79,7 +82,7 @@ def manifest(tmp_path_factory):
   out = tmp_path_factory.mktemp("data")
   config = tiny.get_config()
   config.model.image_size = 48
-  sites = train.SyntheticCrops(config, None).rows(step=0, start=0, stop=24)
+  sites = batches.SyntheticCrops(config, None).rows(step=0, start=0, stop=24)
   channels = [f"w{i}" for i in range(1, 7)]
   shards = []
   for s in range(2):
@@ -121,7 +124,7 @@ def test_params_and_moments_are_sharded_as_the_rules_say(devices, fast_compiles)
   for shape in MESHES.values():
     config.mesh.update(dict(zip(sharding.MESH_AXES, shape)))
     mesh = sharding.make_mesh(config.mesh)
-    _, _, abstract, init = train.build_state(config, mesh)
+    _, _, abstract, init = step_lib.build_state(config, mesh)
     adam = abstract["opt"][1][0]  # chain(clip, adamw): ScaleByAdamState(count, mu, nu)
     for tree in (abstract["model"], adam.mu, adam.nu):
       for variable, leaf in zip(declared, jax.tree.leaves(tree), strict=True):
@@ -131,7 +134,7 @@ def test_params_and_moments_are_sharded_as_the_rules_say(devices, fast_compiles)
     assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
 
   # The real arrays of the last mesh (data=2, fsdp=2, tensor=2), initialised directly sharded.
-  rules_mesh = train.mesh_context(mesh, rules)
+  rules_mesh = step_lib.mesh_context(mesh, rules)
   with rules_mesh:
     state = init()
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract), strict=True):
@@ -236,11 +239,11 @@ def test_user_mistakes_are_one_line(tmp_path, cache_dir, devices):
       "error: mesh: data*fsdp*tensor = 3 but 8 devices are present; set one axis to -1 to fill")
   config = tiny.get_config()
   config.batch_size = 12
-  with pytest.raises(train.ConfigError, match="divisible by 8 batch shards"):
-    train.train_and_evaluate(config, tmp_path / "batch")
+  with pytest.raises(ConfigError, match="divisible by 8 batch shards"):
+    loop.train_and_evaluate(config, tmp_path / "batch")
   config.batch_size, config.mesh.fsdp = 16, 3
   with pytest.raises(sharding.MeshError, match="cannot fill 8 devices"):
-    train.train_and_evaluate(config, tmp_path / "mesh")
+    loop.train_and_evaluate(config, tmp_path / "mesh")
   assert not (tmp_path / "batch").exists() and not (tmp_path / "mesh").exists()
 
 
@@ -259,12 +262,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, devices):
     metrics = dict(loss=loss, mse=loss, fourier=loss, grad_norm=loss, lr=loss)
     return dict(w=state["w"] + 1, step=step), metrics
 
-  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
+  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
   ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5)
-  log = train.MetricsLog(tmp_path, 0, config.total_steps)
+  log = metrics.MetricsLog(tmp_path, 0, config.total_steps)
   try:
-    result = train._loop(config, mesh, state, jax.jit(fake_step), data, data,
-                         jax.random.key(0), ckpt, log, 0, None)
+    run = loop._Run(config=config, mesh=mesh, train_step=jax.jit(fake_step), data=data,
+                    rng=jax.random.key(0), ckpt=ckpt, log=log, start=0, stop_at=None)
+    result = loop._loop(run, state)
   finally:
     log.close()
     ckpt.close()
@@ -282,14 +286,14 @@ def test_microbatches_with_remat_equal_averaged_chunk_gradients(devices, fast_co
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.normalize_rules(config.sharding_rules)
-  graphdef, tx, abstract, init = train.build_state(config, mesh)
+  graphdef, tx, abstract, init = step_lib.build_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  data = train.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
-  with train.mesh_context(mesh, rules):
+  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
+  with step_lib.mesh_context(mesh, rules):
     state = init()
     images, rng = next(data), jax.random.key(0)
     params, opt = state["model"], state["opt"]
-    step = train.jit_train_step(graphdef, tx, config, mesh, shardings)
+    step = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings)
     new_state, metrics = step(jax.tree.map(jnp.copy, state), images, rng)
 
     @jax.jit
@@ -322,7 +326,7 @@ def test_dry_run_of_every_real_config(name, devices, capsys):
   config.mesh.update(data=2, fsdp=2, tensor=2) if name == "vitg8" else config.mesh.update(
       data=2, fsdp=4)
   start = time.perf_counter()
-  result = train.dry_run(config)
+  result = loop.dry_run(config)
   seconds = time.perf_counter() - start
   shards = 4  # fsdp x tensor: nearly every matrix is split 4 ways
   assert result["status"] == "dry_run" and result["devices"] == 8

@@ -21,8 +21,8 @@ class UserError(Exception):
 def _user_errors():
   # Imported lazily so that a command pays only for the modules it uses.
   errors = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
-  for module, name in (("mae_jax.records", "RecordError"), ("mae_jax.input_pipeline", "InputError"),
-                       ("mae_jax.resources", "ResourceError")):
+  for module, name in (("mae_jax.data.records", "RecordError"), ("mae_jax.data.input_pipeline", "InputError"),
+                       ("mae_jax.data.resources", "ResourceError")):
     mod = sys.modules.get(module)
     if mod is not None and hasattr(mod, name):
       errors.append(getattr(mod, name))

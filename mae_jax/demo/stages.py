@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from mae_jax import cli
+from mae_jax.util import cli
 
 
 def log(msg):

@@ -31,7 +31,7 @@ WHEELS = {
     "efaar-benchmarking-0.1.0": ("0.1.0", "27a641cdc72ca58ad8437bf1f1d36cbc348413010ffa0c9678bf3143bdbcf658"),
     "proxbias": ("0.11.0", "a8f0f767590e614e861d360ec264b38460d2a2f1989a0979b0e819af1be97713"),
 }
-_ARM_TABLE = pathlib.Path(__file__).parent / "data" / "gene_arms_hg38.tsv.gz"
+_ARM_TABLE = pathlib.Path(__file__).parent / "gene_arms_hg38.tsv.gz"
 
 
 class ResourceError(RuntimeError):

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mae_jax import vit
-from mae_jax.vit import constrain, param
+from mae_jax.models import vit
+from mae_jax.models.vit import constrain, param
 
 IN_EPS = 1e-5  # InstanceNorm2d default (biased variance)
 

@@ -17,8 +17,8 @@ import numpy as np
 
 # The site codec, re-exported: records is the one import for the format.
 # pylint: disable-next=unused-import
-from mae_jax.example_codec import (DTYPES, decode_image, decode_metadata, decode_site,
-                                   encode_site, metadata_from_reader)
+from mae_jax.data.example_codec import (DTYPES, decode_image, decode_metadata, decode_site,
+                                        encode_site, metadata_from_reader)
 
 FORMAT = "mae_jax-tfrecord-v1"
 _HEADER = 12  # uint64 length + uint32 masked crc of the length.

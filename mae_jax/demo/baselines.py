@@ -139,7 +139,7 @@ def feature_names(channels: int = 6) -> list:
 
 def _features_of_range(args):
   manifest, start, stop = args
-  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   _, source = input_pipeline.open_dataset(manifest)
   try:
     rows = []
@@ -158,7 +158,7 @@ def manifest_features(manifest, *, workers: int | None = None, chunk: int = 32,
   Sites are split into chunks over `workers` spawn processes (default: the CPU count);
   `progress(done, total)` is called as chunks finish.
   """
-  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   meta = input_pipeline.site_metadata(manifest)
   n = len(meta)
   tasks = [(str(manifest), s, min(s + chunk, n)) for s in range(0, n, chunk)]

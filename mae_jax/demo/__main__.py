@@ -7,16 +7,16 @@ run continues; training resumes from its newest checkpoint):
   1. screen      DIR/screen/     python -m data_prep.synthetic (its defaults unless flags say)
   2. shards      DIR/shards/     python -m data_prep.convert --layout=rxrx3
   3. baselines   DIR/features/   the screen's true well phenotypes (the ceiling) and hand-crafted
-                                 pixel statistics per site (mae_jax/baselines.py)
+                                 pixel statistics per site (mae_jax/demo/baselines.py)
   4. train       DIR/runs/R/     a short probe measures the step time on this machine, the budget
-                                 sets total_steps, then mae_jax.train runs with checkpoints along
+                                 sets total_steps, then mae_jax.train.loop runs with checkpoints along
                                  the way (R = budget_<M>min or steps_<N>)
   5. embed       the random-init encoder (shared by runs: DIR/features/) and every evaluated
                  checkpoint embed every site (eval.embed), sites -> wells
   6. score       eval.recall.score_wells with TVN (+ arm centring), without any correction, and
                  with TVN but no arm centring; the MAE's held-out loss against predicting the
                  crop mean
-  7. report      DIR/report.json (contracts.md), DIR/report.md and figures (mae_jax/report.py);
+  7. report      DIR/report.json (contracts.md), DIR/report.md and figures (mae_jax/demo/report.py);
                  --readme rewrites the README's demo block and copies the figures beside it.
 The last stdout line is report.json.
 """
@@ -31,8 +31,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
-from mae_jax import cli, stages
-from mae_jax.stages import log
+from mae_jax.util import cli
+from mae_jax.demo import stages
+from mae_jax.demo.stages import log
 
 DEFAULT_BUDGET_MINUTES = 5.0  # sized so the whole default command takes <= 20 min on 2 free cores
 RECALL_VARIANTS = {  # name -> score_wells options
@@ -104,7 +105,7 @@ def make_ceiling(paths, path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import pandas as pd  # pylint: disable=g-import-not-at-top
   from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   site_meta = input_pipeline.site_metadata(paths["manifest"])
   _, meta = embed.wells_from_sites(np.zeros((len(site_meta), 1), np.float32), site_meta)
   truth = pd.read_csv(os.path.join(paths["screen"], "ground_truth", "wells.csv"))
@@ -118,7 +119,7 @@ def make_ceiling(paths, path):
 
 def make_pixel_stats(paths, path):
   from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax import baselines  # pylint: disable=g-import-not-at-top
+  from mae_jax.demo import baselines  # pylint: disable=g-import-not-at-top
   step = {"next": 0.0}
 
   def progress(done, total):
@@ -132,7 +133,7 @@ def make_pixel_stats(paths, path):
 
 def run_id():
   """budget_<M>min or steps_<N>, plus a hash of the recipe when it is not configs/demo.py's."""
-  from mae_jax import report  # pylint: disable=g-import-not-at-top
+  from mae_jax.demo import report  # pylint: disable=g-import-not-at-top
   name = f"steps_{_STEPS.value}" if _STEPS.value else f"budget_{_BUDGET.value:g}min"
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   filename = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -158,7 +159,7 @@ def run_config(paths, total_steps):
 
 def plan_training(paths):
   """{total_steps, step_time_s, ...}: a fixed --steps, or a probe run that times real steps."""
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
   if _STEPS.value:
     return {"total_steps": int(_STEPS.value), "source": "--steps"}
   probe = run_config(paths, PROBE_STEPS)
@@ -166,7 +167,7 @@ def plan_training(paths):
   probe.update(log_every=PROBE_LOG, checkpoint_every=10 ** 9, keep_checkpoints=1)
   workdir = os.path.join(paths["run"], "probe")
   t0 = time.time()
-  train.train_and_evaluate(probe, workdir)
+  loop.train_and_evaluate(probe, workdir)
   wall = time.time() - t0
   times = [json.loads(l).get("step_time_s") for l in open(os.path.join(workdir, "metrics.jsonl"))]
   times = sorted(t for t in times[len(times) // 2:] if t)  # the steady second half
@@ -187,7 +188,7 @@ def plan_training(paths):
 
 
 def train_run(paths):
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
   plan_path = os.path.join(paths["run"], "plan.json")
   if os.path.exists(plan_path):
     plan = stages.read_json(plan_path)
@@ -196,7 +197,7 @@ def train_run(paths):
     stages.write_json(plan_path, plan)
   config = run_config(paths, plan["total_steps"])
   t0 = time.time()
-  result = train.train_and_evaluate(config, paths["train"])
+  result = loop.train_and_evaluate(config, paths["train"])
   if result["status"] == "nan":
     raise cli.UserError(f"training diverged (non-finite loss at step {result['step']}); lower "
                         "--config.optimizer.lr and use a new --out")
@@ -219,7 +220,8 @@ def eval_steps(paths):
 def _mesh_and_model(model_cfg=None, ckpt=None, seed=0):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax import checkpointing, mae  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
   mesh = embed.data_parallel_mesh()
   if ckpt is not None:
     model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
@@ -271,7 +273,8 @@ def loss_evaluation(paths, model_cfg, seed, steps):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mae_jax import input_pipeline, mae  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
   it = input_pipeline.train_iterator(paths["manifest"], global_batch_size=EVAL_BATCH,
                                      crop_size=model_cfg.image_size, seed=seed + 7919,
                                      num_workers=0)
@@ -304,7 +307,8 @@ def loss_evaluation(paths, model_cfg, seed, steps):
 # -- main ---------------------------------------------------------------------------------------
 def pipeline(out):
   import jax  # pylint: disable=g-import-not-at-top
-  from mae_jax import flops, report  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
+  from mae_jax.demo import report  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   paths = {"out": out, "screen": os.path.join(out, "screen"), "shards": os.path.join(out, "shards"),
@@ -415,7 +419,7 @@ def main(argv):
   if not 1 <= _EVAL_POINTS.value <= 8:
     raise cli.UserError(f"--eval_points={_EVAL_POINTS.value}: expected 1 to 8")
   out = os.path.abspath(_OUT.value)
-  from mae_jax import report  # pylint: disable=g-import-not-at-top
+  from mae_jax.demo import report  # pylint: disable=g-import-not-at-top
   if _README_ONLY.value:
     if not _README.value:
       raise cli.UserError("--readme_only needs --readme=README.md")
@@ -452,9 +456,10 @@ def run():
       cli.fail(cli.one_line(e))
     except Exception as e:  # pylint: disable=broad-except
       # pylint: disable-next=g-import-not-at-top
-      from mae_jax import input_pipeline, records, resources, train
+      from mae_jax.data import input_pipeline, records, resources
+      from mae_jax.train import ConfigError
       if isinstance(e, (input_pipeline.InputError, records.RecordError, resources.ResourceError,
-                        train.ConfigError)):
+                        ConfigError)):
         cli.fail(cli.one_line(e))
       raise
 

@@ -18,7 +18,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from mae_jax import records
+from mae_jax.data import records
 
 
 class InputError(ValueError):

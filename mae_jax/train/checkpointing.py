@@ -25,7 +25,9 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax import mae, sharding
+from mae_jax.models import mae
+
+from mae_jax.train import sharding
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"

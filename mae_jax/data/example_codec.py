@@ -1,7 +1,7 @@
 """tf.train.Example codec of one HCS site: encoder (protobuf) and a zero-copy wire-format reader.
 
 Features: "image" (the HWC array's little-endian bytes), "shape", "dtype", "channels" and one
-"meta/<key>" per metadata field. mae_jax/records.py re-exports these functions.
+"meta/<key>" per metadata field. mae_jax/data/records.py re-exports these functions.
 """
 from __future__ import annotations
 
