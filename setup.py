@@ -41,5 +41,7 @@ setup(
         # jax 0.10.2's [tpu] extra pins.
         "aot": ["libtpu==0.0.42.*"],
         "cuda12": ["jax[cuda12]"],
+        # TensorFlow CPU, only to cross-read our TFRecord shards with tf.data in a test.
+        "interop": ["tensorflow-cpu>=2.21"],
     },
 )

@@ -15,12 +15,13 @@ is created. So a benchmark script starts with
 and is run from the repository root as `python -m bench.NAME`. This module
 imports numpy and jax only inside functions for the same reason.
 """
-import argparse
 import json
 import os
 import resource
 import sys
 import time
+
+from mae_jax.util import cli
 
 # What jax 0.10.2's XLA:CPU honours (checked on the 2-core dev box):
 # - PJRT_NPROC (then NPROC) sizes the CPU client's intra-op and dispatch pools
@@ -78,10 +79,6 @@ def configure_threads(n):
   return env
 
 
-# The name used in the issue text; same function.
-set_threads = configure_threads
-
-
 def matmul_peak_gflops(dtype="float32", n=2048, repeats=5):
   """Best-of-`repeats` GFLOP/s of a jitted n x n @ n x n matmul on device 0.
 
@@ -137,15 +134,9 @@ def device_description():
   return f"{d[0].platform}:{d[0].device_kind} x{len(d)}"
 
 
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):  # one line on stderr, no usage dump
-    sys.exit(f"bench.common: {message}")
-
-
 def main(argv=None):
   """`python -m bench.common [--threads=N] [--n=2048]`: this machine's yardsticks."""
-  parser = _Parser(description=main.__doc__)
+  parser = cli.ArgumentParser(description=main.__doc__)
   parser.add_argument("--threads", type=int, default=0,
                       help="pin XLA:CPU and BLAS to N threads (0: leave as is)")
   parser.add_argument("--n", type=int, default=2048, help="matrix size")
@@ -165,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, absl_flags=False)

@@ -6,27 +6,27 @@ Prints JSON lines: the machine's matmul peak measured in this process, then
 {"model", "batch", "crops_per_s", "gflops_per_s", "peak_gflops_per_s", "fraction_of_peak"} where the
 FLOPs come from `mae_jax/models/flops.py` (2 per multiply-accumulate, norms and softmax not counted).
 """
-import argparse
 import importlib
 import time
 
 from bench import common
+from mae_jax.util import cli
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="vits16", help="a config module name in configs/")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--seconds", type=float, default=20.0, help="time spent measuring")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   common.configure_threads(args.threads)
 
   import jax
   import numpy as np
   from flax import nnx
-  from mae_jax.models import flops, mae
+  from mae_jax.models import flops, mae, registry
 
   peak = common.matmul_peak_gflops(args.precision)
   common.emit(yardstick="matmul", dtype=args.precision, peak_gflops_per_s=peak,
@@ -34,7 +34,7 @@ def main():
 
   config = importlib.import_module(f"configs.{args.config}").get_config()
   with nnx.use_eager_sharding(False):
-    model = mae.build_model(config.model, dtype=mae.compute_dtype(args.precision))
+    model = registry.build_model(config.model, dtype=mae.compute_dtype(args.precision))
   graphdef, state = nnx.split(model)
   embed = jax.jit(lambda state, x: nnx.merge(graphdef, state).embed(x))
   m = config.model
@@ -57,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, absl_flags=False)

@@ -11,11 +11,9 @@ The last line compares the best rate with the 2,000 crops/s goal and, with
 
   python bench/input_pipeline.py [--sites=256] [--need_images_per_s=...]
 """
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -24,6 +22,7 @@ import numpy as np
 
 from mae_jax.data import input_pipeline
 from mae_jax.data import records
+from mae_jax.util import cli
 
 GOAL_CROPS_PER_S = 2000.0
 
@@ -90,8 +89,8 @@ def time_pipeline(manifest, workers, crop, batch, batches, threads, verify_crc):
   return seconds, cpu, startup
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sites", type=int, default=256)
   parser.add_argument("--site_size", type=int, default=512)
   parser.add_argument("--channels", type=int, default=6)
@@ -107,7 +106,7 @@ def main():
                       help="train-step speed (ViT-S/16 images/s) the pipeline must feed")
   parser.add_argument("--data_dir", default=None,
                       help="keep the dataset here, or reuse the one already there")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags in its workers (grain #1355).
 
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_input_")
@@ -161,4 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, absl_flags=False)

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mae_jax.util import cli  # pylint: disable=wrong-import-position
 
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 
@@ -116,21 +117,15 @@ def _spawn(kind, data_dir):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):  # one line on stderr, no usage dump
-    sys.exit(f"bench.recall: {message}")
-
-
-def main():
-  ap = _Parser(description=__doc__.splitlines()[0])
+def main(argv=None):
+  ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--perturbations", type=int, default=17000)
   ap.add_argument("--dims", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=1)
   ap.add_argument("--same_s", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--child", choices=["ours", "reference", "same_s"], help=argparse.SUPPRESS)
   ap.add_argument("--data", help=argparse.SUPPRESS)
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.perturbations < 2 or args.dims < 1 or args.repeats < 1:
     ap.error("--perturbations must be >= 2, --dims and --repeats >= 1")
   if args.child:
@@ -177,4 +172,4 @@ def _line(args, runs, load):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, absl_flags=False)

@@ -1,29 +1,22 @@
 """Train-step throughput of real MAE configs on one device, against a matmul yardstick.
 
   python -m bench.train_step [--runs=vits16:float32:16,vits16:bfloat16:16,vitb16:float32:8]
-                             [--steps=3] [--threads=2]
+                             [--steps=3] [--threads=2] [--scan_layers=config|true|false]
 
 One JSON line per run: model, precision, batch, images_per_s, gflops_per_s (the FLOP model of
 mae_jax/models/flops.py: fwd + bwd, 2 FLOPs per MAC), peak_gflops_per_s (a jitted 2048^2 matmul of the
 same dtype measured in this process right before and after the run, bench/common.py),
-fraction_of_peak, step_s (best of --steps), compile_s.
+fraction_of_peak, step_s (best of --steps), compile_s, scan_layers (blocks scanned or not).
 The step is the real one (masking, encoder, decoder, Fourier loss, backward, clipping, Lion or
 AdamW update) on a 1-device mesh with a fixed uint8 batch already on the device.
 """
-import argparse
 import importlib
-import sys
 import time
 
 from bench import common
+from mae_jax.util import cli
 
 DEFAULT_RUNS = "vits16:float32:16,vits16:bfloat16:16,vitb16:float32:8"
-
-
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):  # one line on stderr, no usage dump
-    sys.exit(f"bench.train_step: {message}")
 
 
 def parse_runs(text):
@@ -36,7 +29,7 @@ def parse_runs(text):
   return runs
 
 
-def measure(name, precision, batch, steps):
+def measure(name, precision, batch, steps, scan_layers=None):
   """(best seconds per step, compile seconds, config) of the jitted train step.
 
   Best of `steps` timed steps, like the best-of-5 matmul yardstick: on a shared machine the
@@ -47,6 +40,8 @@ def measure(name, precision, batch, steps):
   from mae_jax.train import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config.update(batch_size=batch, precision=precision)
+  if scan_layers is not None:
+    config.model.scan_layers = scan_layers
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   rules = sharding.normalize_rules(config.sharding_rules)
   graphdef, tx, abstract, init = step_lib.build_state(config, mesh)
@@ -74,11 +69,13 @@ def measure(name, precision, batch, steps):
 
 
 def main(argv=None):
-  parser = _Parser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--runs", default=DEFAULT_RUNS,
                       help="comma-separated CONFIG:PRECISION:BATCH (configs/CONFIG.py)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
   parser.add_argument("--threads", type=int, default=2, help="XLA:CPU / BLAS threads (0: all)")
+  parser.add_argument("--scan_layers", choices=("config", "true", "false"), default="config",
+                      help="run the blocks as one scan (true) or unrolled (false)")
   args = parser.parse_args(argv)
   try:
     runs = parse_runs(args.runs)
@@ -94,15 +91,17 @@ def main(argv=None):
   from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
   for name, precision, batch in runs:
     before = common.matmul_peak_gflops(precision)  # the yardstick right before and after
-    step_s, compile_s, config = measure(name, precision, batch, args.steps)
+    scan = None if args.scan_layers == "config" else args.scan_layers == "true"
+    step_s, compile_s, config = measure(name, precision, batch, args.steps, scan)
     peak = max(before, common.matmul_peak_gflops(precision))
     gflops = batch * flops.flops_per_image(config.model)["train"] / step_s / 1e9
     common.emit(model=name, precision=precision, batch=batch, images_per_s=round(batch / step_s, 3),
                 gflops_per_s=round(gflops, 1), peak_gflops_per_s=round(peak, 1),
                 fraction_of_peak=round(gflops / peak, 3), step_s=round(step_s, 3),
                 compile_s=round(compile_s, 1), threads=args.threads,
+                scan_layers=bool(config.model.get("scan_layers", False)),
                 device=common.device_description())
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, absl_flags=False)

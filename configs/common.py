@@ -1,4 +1,4 @@
-"""Shared defaults of every mae_jax config: the paper's recipe (method.md §1-2) in one place.
+"""Shared defaults of every mae_jax config: the paper's recipe (docs/method.md §1-2) in one place.
 
 A model file is one call, e.g. `configs/vitl8.py`: `return common.get_config("L/8")`.
 Override anything from the command line: `--config.batch_size=256 --config.mesh.fsdp=8`.
@@ -7,7 +7,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # name -> (width, depth, heads, mlp_dim, drop_path, lr). Widths/depths/heads from the official
-# maes_microscopy constructors (method.md §1.2); lr 1e-4 up to B and 3e-5 for L/G (§2.3).
+# maes_microscopy constructors (docs/method.md §1.2); lr 1e-4 up to B and 3e-5 for L/G (§2.3).
 VARIANTS = {
     "S": (384, 12, 6, 1536, 0.1, 1e-4),
     "B": (768, 12, 12, 3072, 0.1, 1e-4),
@@ -26,6 +26,9 @@ SHARDING_RULES = (
     ("length", None),
     ("act_embed", None),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned blocks (model.scan_layers): unsplit
+    ("conv_in", "fsdp"),  # MU-Net convolution kernels: input channels over fsdp,
+    ("conv_out", "tensor"),  # output channels over tensor
 )
 
 
@@ -51,6 +54,7 @@ def get_config(variant="S/16", **overrides):
   c.sharding_rules = SHARDING_RULES
 
   c.model = ml_collections.ConfigDict(dict(
+      kind="mae",  # the model registry (mae_jax/models/__init__.py): "mae" | "munet"
       variant=variant,
       image_size=256,
       patch_size=int(patch),
@@ -66,8 +70,11 @@ def get_config(variant="S/16", **overrides):
       decoder_depth=8,
       decoder_heads=16,
       fourier_weight=0.01,  # alpha of L = (1 - alpha) MSE + alpha Fourier-magnitude L1
-      channel_agnostic=False,  # CA-MAE (method.md §1.4): shared 1-channel patch embedding
+      channel_agnostic=False,  # CA-MAE (docs/method.md §1.4): shared 1-channel patch embedding
       max_channels=11,  # CA-MAE positional table covers this many channels
+      # Encoder and decoder blocks stacked and run by one lax.scan each: the step compiles one
+      # block instead of depth of them (README: "Checkpoints from before scanned layers").
+      scan_layers=True,
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -80,7 +87,7 @@ def get_config(variant="S/16", **overrides):
       div_factor=25.0,
       final_div_factor=1e4,
       grad_clip_norm=1.0,  # 0 disables clipping
-      cycle_momentum=False,  # PyTorch OneCycle also cycles Lion beta1 0.95 -> 0.85 -> 0.95 (method.md §2.3)
+      cycle_momentum=False,  # PyTorch OneCycle also cycles Lion beta1 0.95 -> 0.85 -> 0.95 (docs/method.md §2.3)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -98,4 +105,45 @@ def get_config(variant="S/16", **overrides):
     for p in path:
       target = target[p]
     target[leaf] = value
+  return c
+
+
+def get_small_config(name, *, image_size, depth, decoder_width, drop_path, lr, **overrides):
+  """A small ViT MAE for 2 CPU cores (tests, the demo): width 64, 2 heads, patch 8, a one-block
+  decoder, AdamW, no data workers. Blocks stay unrolled: scanning a few small blocks saves no
+  compile time and ran 2-4 % slower on 2 CPU cores."""
+  c = get_config("S/16", name=name, **overrides)
+  c.model.update(image_size=image_size, patch_size=8, width=64, depth=depth, num_heads=2,
+                 mlp_dim=256, drop_path=drop_path, decoder_width=decoder_width, decoder_depth=1,
+                 decoder_heads=2, scan_layers=False)
+  c.optimizer.update(name="adamw", lr=lr, weight_decay=0.05)
+  c.data.num_workers = 0
+  return c
+
+
+# MU-Net size -> base width (channels of the first level; each level doubles them). 4 levels and a
+# bottleneck as in the original U-Net (Ronneberger et al. 2015); docs/method.md §1.9.
+MUNET_WIDTHS = {"M": 64, "L": 128}
+
+
+def get_munet_config(size="M", **overrides):
+  """The MU-Net masked autoencoder `size` ("M" or "L") with the ViT recipe's optimiser and data."""
+  c = get_config("S/16")
+  c.name = f"munet_{size.lower()}"
+  c.model = ml_collections.ConfigDict(dict(
+      kind="munet",
+      variant=f"MU-Net-{size}",
+      image_size=256,
+      patch_size=16,  # masking grid; the paper studied patch 8 and 16 and ratio 25 % and 75 %
+      channels=6,
+      base_width=MUNET_WIDTHS[size],
+      levels=4,
+      norm_groups=32,  # GroupNorm groups (batch-independent: no cross-device statistics)
+      mask_ratio=0.75,
+      fourier_weight=0.01,
+      embed_levels="bottleneck",  # or "all": pooled features of every level, concatenated
+  ))
+  c.optimizer.lr = 1e-4
+  for key, value in overrides.items():
+    c[key] = value
   return c

@@ -2,23 +2,22 @@
 
     python -m data_prep.build_arm_table --out=mae_jax/data/gene_arms_hg38.tsv.gz
 
-The rule is proxbias' `chromosome_info._load_genes` (method.md §3.5): chr1-22, X, Y; per symbol
+The rule is proxbias' `chromosome_info._load_genes` (docs/method.md §3.5): chr1-22, X, Y; per symbol
 start = min txStart, end = max txEnd; drop symbols on several chromosomes and symbols matching
 the regex ``^LOC*`` (which, as upstream, also drops every symbol starting with "LO"); the arm is q
 when the gene ends past the centromere midpoint. Source tables: UCSC hg38 ncbiRefSeq and
 centromeres, as shipped inside the proxbias wheel (Apache-2.0 package; public annotation data).
-The faithful regex gives 28,075 genes on 45 arms (method.md counts 28,089, i.e. without
+The faithful regex gives 28,075 genes on 45 arms (28,089 when counted without
 dropping the 14 "LO..." genes that the regex also removes).
 """
-import argparse
 import csv
 import gzip
 import io
 import re
-import sys
 import zipfile
 
 from mae_jax.data import resources
+from mae_jax.util import cli
 
 VALID_CHROMS = [f"chr{i}" for i in range(1, 23)] + ["chrX", "chrY"]
 
@@ -54,7 +53,7 @@ def build_rows(wheel_path):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
   wheel = resources.fetch_wheel("proxbias")
@@ -69,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, absl_flags=False)

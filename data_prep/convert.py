@@ -3,7 +3,7 @@ r"""Turns a screen on disk into TFRecord shards + .idx indexes + manifest.json.
   python -m data_prep.convert --layout=rxrx1 --root=/data/rxrx1 --out=/data/rxrx1_tfr
   python -m data_prep.convert --layout=rxrx3 --root=synth/ --out=synth_tfr --image_size=512
 
-Layouts (method.md §7):
+Layouts (docs/data_layouts.md):
   rxrx1       metadata.csv + images/{experiment}/Plate{plate}/{well}_s{site}_w{1..6}.png, 512² 8-bit
   rxrx3       metadata.csv + images/{experiment_name}/Plate{plate}/{address}_s1_w{1..6}.png,
               2048² 16-bit
@@ -40,6 +40,7 @@ from data_prep import layouts
 from data_prep.layouts import common
 from data_prep.layouts.common import ConvertError, Site
 from mae_jax.data import records
+from mae_jax.util import cli, files
 
 STATS_SUFFIX = ".stats.json"
 PLAN_VERSION = 1
@@ -125,13 +126,6 @@ def _channel_stats(hist: np.ndarray) -> dict:
   return out
 
 
-def _write_json(path: str, obj):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def write_shard(task: Task, out: str, expect: dict, on_site=None) -> dict:
   path = os.path.join(out, task.path)
   bins = 1 << (8 * np.dtype(expect["dtype"]).itemsize)
@@ -147,7 +141,7 @@ def write_shard(task: Task, out: str, expect: dict, on_site=None) -> dict:
         on_site()
     stats = {"digest": task.digest, "records": writer.count, **_channel_stats(hist)}
     # Written before the writer renames the shard: a finished shard always has its stats.
-    _write_json(path + STATS_SUFFIX, stats)
+    files.write(path + STATS_SUFFIX, json.dumps(stats, sort_keys=True))
   return stats
 
 
@@ -310,13 +304,6 @@ def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard:
 # ---------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):  # one line, no usage dump
-    print(f"convert: error: {message} (see --help)", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _nonneg(text):
   try:
     value = int(text)
@@ -334,9 +321,20 @@ def _positive(text):
   return value
 
 
+def _stop_like_ctrl_c(signum, frame):
+  # `kill` or a scheduler's SIGTERM stops the command as Ctrl-C does: the pool terminates its
+  # workers, whose own handler removes their half-written shards. Killed outright instead, the
+  # main process would leave its workers converting on, orphaned. Later SIGTERMs are ignored
+  # while that cleanup runs.
+  del frame
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  raise KeyboardInterrupt(signum)
+
+
 def main(argv=None) -> int:
-  p = _Parser(prog="python -m data_prep.convert", description=__doc__,
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+  """The command line; a user mistake raises a cli.UserError (cli.run shows it as one line)."""
+  p = cli.ArgumentParser(prog="python -m data_prep.convert", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--layout", required=True, choices=layouts.LAYOUTS)
   p.add_argument("--root", required=True, help="the screen's folder (manifest: the CSV or folder)")
   p.add_argument("--out", required=True, help="output folder (shards/ and manifest.json)")
@@ -366,20 +364,16 @@ def main(argv=None) -> int:
     p.error("--channel_columns applies to --layout=manifest only")
   if args.metadata and args.layout == "manifest":
     p.error("--metadata does not apply to --layout=manifest (its CSV is --root)")
+  previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
   try:
     summary = convert(args.layout, args.root, args.out, args.workers, args.sites_per_shard,
                       args.image_size, args.limit, args.metadata, cols,
                       args.skip_missing_plates, args.progress)
-  except (ConvertError, records.RecordError, records.ManifestError) as e:
-    print(f"convert: error: {e}", file=sys.stderr)
-    return 1
-  except OSError as e:
-    where = f"{e.filename}: " if e.filename else ""
-    print(f"convert: error: {where}{e.strerror or e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     print("convert: interrupted; rerun the same command to resume", file=sys.stderr)
-    return 130
+    return 128 + (e.args[0] if e.args else signal.SIGINT)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   print(json.dumps(summary))
   return 0
 
@@ -387,4 +381,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
   # Run through the package module so that pickled tasks name data_prep.convert, not __main__.
   from data_prep import convert as _convert  # pylint: disable=g-import-not-at-top
-  sys.exit(_convert.main())
+  cli.run(_convert.main, absl_flags=False)

@@ -1,7 +1,7 @@
 """Genes, modules and latent phenotypes of the synthetic screen, and its ground truth.
 
-Biology model (method.md §3.5, §4.1; data_sources.md "how to make the synthetic embeddings
-realistic"):
+Biology model (docs/method.md §3.5, §4.1; docs/data_layouts.md §6): signal planted on the real
+gene-pair graph and real chromosome arms, so recall and arm correction have something to find:
 
 * Genes are real symbols from the union of the five benchmark sources, with a real hg38 arm.
 * Modules (complexes, pathways) are dense neighbourhoods in HuMAP, Reactome or StringDB only;

@@ -61,10 +61,6 @@ PARAMS = {
 }
 
 
-def base_params():
-  return {k: v[2] for k, v in PARAMS.items()}
-
-
 @functools.lru_cache(maxsize=4)
 def _grid(size):
   y, x = np.mgrid[:size, :size].astype(np.float32)

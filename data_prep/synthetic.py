@@ -2,14 +2,14 @@ r"""Writes an embedded synthetic CRISPR screen in the RxRx3 file layout, with it
 
   python -m data_prep.synthetic --out=synth [--genes=300] [--seed=0] [--workers=2]
 
-Layout (method.md §7.2): OUT/metadata.csv (the 10 RxRx3 columns), 16-bit PNGs at
+Layout (docs/data_layouts.md §2, §6): OUT/metadata.csv (the 10 RxRx3 columns), 16-bit PNGs at
 OUT/images/{experiment_name}/Plate{plate}/{address}_s1_w{1..6}.png on 1536-well plates
 (addresses A01..AF48), and OUT/ground_truth/: genes.csv, expression.csv, planted_pairs.csv,
 phenotypes.npz, wells.csv and screen.json.
 
 Design: every experiment holds every guide of every gene once, spread at random over its plates,
 plus --controls_per_plate EMPTY_control wells per plate (TVN fits on them, and needs more control
-wells per experiment than embedding dimensions, method.md §11). Batch effects are per experiment
+wells per experiment than embedding dimensions, docs/method.md §6). Batch effects are per experiment
 and per plate (per-channel gain and background, illumination falloff, defocus, noise level), with
 a gradient across the plate and a little per-well jitter. The biology is in phenotypes.py and the
 pixels in render.py.
@@ -34,7 +34,8 @@ import numpy as np
 
 from data_prep import phenotypes
 from data_prep import render
-from mae_jax.data import resources
+from mae_jax.util import cli, files
+from mae_jax.util.errors import UserError
 
 METADATA_COLUMNS = ("well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES",
                     "concentration", "perturbation_type", "cell_type")
@@ -45,7 +46,7 @@ FORMAT = "mae_jax-synthetic-v1"
 _MARKER = ".synthetic_run.json"  # parameters of an unfinished run, so a rerun can resume it
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError, ValueError):
   """A user mistake; the message is the one line shown."""
 
 
@@ -134,13 +135,6 @@ def design(args):
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path, data):
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data if isinstance(data, bytes) else data.encode())
-  os.replace(tmp, path)
-
-
 def _csv_text(header, rows):
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
@@ -188,7 +182,9 @@ def _render_task(task):
   img = render.render_site(params, effects, size, np.random.default_rng([seed, 1536, index]))
   os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
   for plane, path in zip(img, paths):
-    _write_atomic(path, render.encode_png16(plane))
+    # Not fsynced: thousands of PNGs, and a rerun (after an interrupted run) re-renders any well
+    # whose PNGs are not all there.
+    files.write(path, render.encode_png16(plane), fsync=False)
   return 1
 
 
@@ -287,9 +283,9 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
 
 
 def _parser():
-  p = argparse.ArgumentParser(prog="python -m data_prep.synthetic",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m data_prep.synthetic",
+                         description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output folder (created; may hold an unfinished run)")
   p.add_argument("--genes", type=int, default=300, help="number of genes (real symbols)")
   p.add_argument("--guides", type=int, default=3,
@@ -347,7 +343,7 @@ def _claim(out, parameters):
     raise SyntheticError(f"--out={out}: folder is not empty and holds no synthetic screen; "
                          "choose a new or empty folder")
   os.makedirs(out, exist_ok=True)
-  _write_atomic(marker, json.dumps(parameters, sort_keys=True))
+  files.write(marker, json.dumps(parameters, sort_keys=True))
 
 
 def generate(args):
@@ -360,10 +356,10 @@ def generate(args):
   _claim(args.out, parameters)
   gs, ph, wells, latent = design(args)
   rendered = render_all(args.out, wells, args.image_size, args.seed, args.workers)
-  files, counts = ground_truth_files(gs, ph, wells, latent, parameters)
+  outputs, counts = ground_truth_files(gs, ph, wells, latent, parameters)
   os.makedirs(os.path.join(args.out, "ground_truth"), exist_ok=True)
-  for rel, data in files.items():
-    _write_atomic(os.path.join(args.out, rel), data)
+  for rel, data in outputs.items():
+    files.write(os.path.join(args.out, rel), data)
   marker = os.path.join(args.out, _MARKER)
   if os.path.exists(marker):
     os.remove(marker)
@@ -372,14 +368,9 @@ def generate(args):
 
 
 def main(argv=None):
-  args = _parser().parse_args(argv)
-  try:
-    result = generate(args)
-  except (SyntheticError, resources.ResourceError, OSError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-  print(json.dumps(result))
+  """The command line; a user mistake raises a cli.UserError (cli.run shows it as one line)."""
+  print(json.dumps(generate(_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, absl_flags=False)

@@ -1,4 +1,4 @@
-"""Wells -> perturbations (method.md §3.3, the RxRx3-core convention).
+"""Wells -> perturbations (docs/method.md §3.3, the RxRx3-core convention).
 
 perturbation = treatment without its "_guide_k" suffix unless the name contains "_control";
 compounds are aggregated per (perturbation_type, perturbation, concentration) and labelled
@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 import pandas as pd
+
+from eval import EvalError
 
 _GUIDE = re.compile(r"_guide_?\d+$", re.IGNORECASE)
 
@@ -61,7 +63,7 @@ def excluded_from_map(meta: pd.DataFrame, control: str = "EMPTY_control") -> np.
 def aggregate(x: np.ndarray, labels, how: str = "mean") -> tuple:
   """(sorted unique labels, (P, D) float32 mean or median of the rows of each label)."""
   if how not in ("mean", "median"):
-    raise ValueError(f"aggregation must be mean or median, got {how!r}")
+    raise EvalError(f"aggregation must be mean or median, got {how!r}")
   labels = np.asarray(labels).astype(str)
   uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
   order = np.argsort(inv, kind="stable")
@@ -80,11 +82,11 @@ def aggregate_wells(x, meta: pd.DataFrame, control="EMPTY_control", how="mean",
   keep = ~excluded_from_map(meta, control)
   if perturbation_types:
     if "perturbation_type" not in meta:
-      raise ValueError("perturbation_types given but the metadata has no perturbation_type")
+      raise EvalError("perturbation_types given but the metadata has no perturbation_type")
     wanted = {t.upper() for t in perturbation_types}
     keep &= meta["perturbation_type"].astype(str).str.upper().isin(wanted).to_numpy()
   if not keep.any():
-    raise ValueError("no non-control wells left to aggregate")
+    raise EvalError("no non-control wells left to aggregate")
   labels = map_labels(meta)[keep]
   uniq, out = aggregate(np.asarray(x)[keep], labels, how)
   return uniq, out, np.unique(labels, return_counts=True)[1]

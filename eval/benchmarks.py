@@ -1,6 +1,6 @@
 """Map benchmarks: known-relationship recall (EFAAR v1.0) and replicate consistency.
 
-Recall follows EFAAR v1.0 (method.md §4.1): the null is the cosine similarity of every unordered
+Recall follows EFAAR v1.0 (docs/method.md §4.1): the null is the cosine similarity of every unordered
 pair of distinct perturbations, a query pair is in a tail when r_right <= lo or r_left >= hi with
 r_left/right = searchsorted(sorted null, q, side) / |null|.
 
@@ -16,8 +16,8 @@ Memory is O(tile + bracket contents), never O(N^2).
 
 Identical values: S is defined as the output of one jitted tile function (`similarity_tile`) with a
 fixed tile shape, evaluated on the same padded, normalised embeddings. Query similarities are read
-from those same tiles and the reference (`reference_recall` / `null_from_tiles`) assembles its null
-from them too, so both sides compare bit-identical float32 values.
+from those same tiles and the reference (`null_from_tiles` + `percentile_recall`) assembles its
+null from them too, so both sides compare bit-identical float32 values.
 """
 import functools
 import itertools
@@ -27,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import EvalError
+
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 MIN_ENTITIES = 20  # EFAAR MIN_REQ_ENT_CNT
 
 
-class InsufficientEntities(ValueError):
+class InsufficientEntities(EvalError):
   """A source has too few of its genes in the map to be scored."""
 
 
@@ -58,9 +60,9 @@ def normalize_rows(embeddings) -> np.ndarray:
   """float32 unit rows; zero rows stay zero (cosine 0 with everything, as sklearn)."""
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2:
-    raise ValueError(f"embeddings must be 2-D (N, D), got shape {x.shape}")
+    raise EvalError(f"embeddings must be 2-D (N, D), got shape {x.shape}")
   if not np.all(np.isfinite(x)):
-    raise ValueError("embeddings contain NaN or inf")
+    raise EvalError("embeddings contain NaN or inf")
   norm = np.sqrt(np.einsum("nd,nd->n", x, x))
   return x / np.where(norm > 0, norm, np.float32(1))[:, None]
 
@@ -189,16 +191,6 @@ def _tail_recall(q, stats, m, thresholds) -> dict:
     high = stats[k_hi - 1] < q if 1 <= k_hi <= m else np.full(q.shape, k_hi <= 0)
     out[recall_key(lo, hi)] = float(np.mean(low | high)) if len(q) else float("nan")
   return out
-
-
-def order_statistic_recall(null, queries, thresholds=THRESHOLDS) -> dict:
-  """The rank/recall core of the fast path on an explicit null (same result as
-  `percentile_recall`, from a few order statistics instead of a full sort)."""
-  null = np.asarray(null).ravel()
-  q = np.asarray(queries, null.dtype).ravel()
-  ranks = needed_ranks(len(null), thresholds)
-  part = np.partition(null, ranks) if ranks else null
-  return _tail_recall(q, {r: part[r] for r in ranks}, len(null), thresholds)
 
 
 def _brackets(tiles: SimilarityTiles, ranks, sample_rows=256, groups=8, width=10.0):
@@ -346,7 +338,7 @@ def check_labels(labels) -> dict:
   index = {lab: k for k, lab in enumerate(labels)}
   if len(index) != len(labels):
     dup = sorted({x for x in labels if labels.count(x) > 1})[:5]
-    raise ValueError(f"map labels must be unique; duplicated: {', '.join(dup)}")
+    raise EvalError(f"map labels must be unique; duplicated: {', '.join(dup)}")
   return index
 
 
@@ -360,9 +352,9 @@ def relationship_recall(embeddings, labels, pairs_by_source: Mapping[str, Sequen
   index = check_labels(labels)
   emb = np.asarray(embeddings)
   if emb.ndim != 2 or len(emb) != len(index):
-    raise ValueError(f"embeddings shape {emb.shape} does not match {len(index)} labels")
+    raise EvalError(f"embeddings shape {emb.shape} does not match {len(index)} labels")
   if len(index) < 2:
-    raise ValueError("recall needs at least 2 perturbations")
+    raise EvalError("recall needs at least 2 perturbations")
   tiles = SimilarityTiles(emb, *tile_shape)
   m = tiles.null_size
   sources, queries, offset = {}, {}, 0
@@ -403,32 +395,10 @@ def _group_by_window(tiles, query_sets):
           for k, sel in zip(ids, np.split(order, starts[1:]))}
 
 
-def known_relationship_recall(embeddings: np.ndarray, labels: Sequence[str],
-                              pairs: Sequence[tuple], thresholds=THRESHOLDS,
-                              min_entities=MIN_ENTITIES) -> dict:
-  """{"pairs": int, "recall_{lo}_{hi}": float, ...} for one source (EFAAR v1.0, exact).
-
-  Raises ValueError on duplicate labels and InsufficientEntities (a ValueError) when fewer than
-  `min_entities` distinct genes of the source's in-map pairs are in the map."""
-  res = relationship_recall(embeddings, labels, {"source": pairs}, thresholds, min_entities,
-                            strict=True)["sources"]["source"]
-  del res["entities"]
-  return res
-
-
-def reference_recall(embeddings, labels, pairs, thresholds=THRESHOLDS,
-                     tile_shape=(1024, 2048)) -> dict:
-  """The plain reference on the same S tiles: the whole null, np.sort, searchsorted."""
-  index = check_labels(labels)
-  i, j = filter_pairs(pairs, index)
-  null, full = null_from_tiles(SimilarityTiles(embeddings, *tile_shape))
-  return {"pairs": int(len(i)), **percentile_recall(null, full[i, j], thresholds)}
-
-
 # ------------------------------------------------------------------------ replicate consistency
 
 def replicate_consistency(embeddings, perturbations, negative_controls, alpha=0.05) -> dict:
-  """EFAAR v1.0 consistency (method.md §4.2): per perturbation, the mean pairwise cosine among
+  """EFAAR v1.0 consistency (docs/method.md §4.2): per perturbation, the mean pairwise cosine among
   its replicates (>= 2); p = 1 - searchsorted(null, x, 'left') / |null| against the same
   statistic of the negative-control perturbations; reports the fraction with p <= alpha.
 
@@ -436,7 +406,7 @@ def replicate_consistency(embeddings, perturbations, negative_controls, alpha=0.
   x = normalize_rows(embeddings).astype(np.float64)
   labels = np.asarray(perturbations).astype(str)
   if len(labels) != len(x):
-    raise ValueError(f"{len(labels)} perturbation labels for {len(x)} embeddings")
+    raise EvalError(f"{len(labels)} perturbation labels for {len(x)} embeddings")
   uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
   order = np.argsort(inv, kind="stable")
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

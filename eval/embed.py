@@ -3,7 +3,7 @@
 Each site is cut into non-overlapping crops of the model's image size (four 256² tiles of a 512²
 site, 64 of a 2048² one), crops are embedded in batches sharded over all local devices (mean of
 patch tokens by default; CLS or an earlier block by flag), tile embeddings are averaged to the site
-and sites to the well (method.md §3.1-3.2).
+and sites to the well (docs/method.md §3.1-3.2).
 """
 import sys
 import time
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mae_jax.train import checkpointing, sharding
 
 from mae_jax.data import input_pipeline
+from eval import EvalError
 
 WELL_COLUMNS = ("well_id", "experiment", "plate", "well", "perturbation", "gene", "perturbation_type",
                 "is_control", "concentration", "smiles", "cell_type")
@@ -51,8 +52,9 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
   bar = tqdm(total=len(metadata), unit="site", disable=not (progress and sys.stderr.isatty()),
              file=sys.stderr, desc="embedding")
   start, crops = time.perf_counter(), 0
+  channels = None if cfg.get("channel_agnostic") else cfg.channels  # CA-MAE takes any count
   for batch in input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size, batch_size=batch_size,
-                                         expect_channels=None if cfg.channel_agnostic else cfg.channels):
+                                         expect_channels=channels):
     images, sites = batch["image"], batch["site"]
     n = len(images)
     if n < batch_size:  # pad the last batch: one compiled shape, even split over devices
@@ -70,7 +72,7 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
   logging.info("embedded %d crops of %d sites in %.1f s (%.1f crops/s)", crops, len(metadata),
                seconds, crops / max(seconds, 1e-9))
   if sums is None:
-    raise ValueError(f"{manifest}: no site could be embedded")
+    raise EvalError(f"{manifest}: no site could be embedded")
   seen = counts > 0
   return (sums[seen] / counts[seen, None]).astype(np.float32), [m for m, s in zip(metadata, seen) if s]
 

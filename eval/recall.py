@@ -14,21 +14,23 @@ null, with the reason) unless --sources was given explicitly, in which case it i
 Arm centring (default "auto") uses the unexpressed genes (zFPKM < -3) of --expression (a CSV
 with gene,zFPKM, or `u2os` for the public U2OS proxy) and is skipped without one; an explicit
 --arm_correction=true without --expression centres on the mean of all map genes on the arm
-(the fallback of method.md §9.8); --arm_correction=false turns it off. Duplicate map labels
+(the fallback of docs/method.md §3.5); --arm_correction=false turns it off. Duplicate map labels
 always raise.
 """
+import contextlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
+from eval import EvalError
 from eval import aggregate as agg
 from eval import benchmarks
 from eval import correct
 from eval import tables
 from mae_jax.data import resources
+from mae_jax.util import cli, files
 
 DEFAULTS = dict(batch_correction="tvn", coral=True, batch_key="experiment",
                 control="EMPTY_control", arm_correction="auto", expression=None,
@@ -127,7 +129,7 @@ def score_wells(emb, meta, **options) -> dict:
   meta = tables.normalise_columns(meta.reset_index(drop=True).copy())
   x = np.asarray(emb, np.float32)
   if len(meta) != len(x):
-    raise ValueError(f"{len(x)} embeddings but {len(meta)} metadata rows")
+    raise EvalError(f"{len(x)} embeddings but {len(meta)} metadata rows")
   if "perturbation" not in meta:
     raise tables.TableError("well metadata has no perturbation column")
   o["pairs_by_source"] = o["pairs_by_source"] or load_sources(o["sources"], o["annotations_dir"])
@@ -147,7 +149,7 @@ def score_wells(emb, meta, **options) -> dict:
       x, info = correct.pca_centerscale(x, ctrl, batches)
     info["batch_key"] = o["batch_key"]
   else:
-    raise ValueError(f"batch_correction must be none, tvn or pca_centerscale, got {method!r}")
+    raise EvalError(f"batch_correction must be none, tvn or pca_centerscale, got {method!r}")
   info["controls_from"] = how
   info["control_wells"] = int(ctrl.sum())
   seconds_correction = time.perf_counter() - t0
@@ -208,32 +210,24 @@ def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   data = public(result)
   title = title or data.get("method") or describe(data)
-  tmp = {}
+  # All are written before any replaces its old copy: a failure leaves the old set whole.
+  with contextlib.ExitStack() as stack:
 
-  def target(name):
-    tmp[name] = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-    return tmp[name]
-  try:
-    with open(target("recall.json"), "w") as f:
-      json.dump(data, f, indent=1)
+    def target(name, mode="w"):
+      return stack.enter_context(files.atomic_open(os.path.join(out_dir, name), mode))
+    json.dump(data, target("recall.json"), indent=1)
     keys = list(data.get("chance", {}))
-    with open(target("recall.csv"), "w") as f:
-      f.write(",".join(["source", "pairs", "entities"] + keys + ["skipped"]) + "\n")
-      for src, r in data["sources"].items():
-        vals = ["" if r.get(k) is None else f"{r[k]:.6f}" for k in keys]
-        f.write(",".join([src, str(r.get("pairs", 0)), str(r.get("entities", ""))] + vals +
-                         [str(r.get("skipped", "")).replace(",", ";")]) + "\n")
-    plots.plot_recall(data, target("recall.png"), title)
+    f = target("recall.csv")
+    f.write(",".join(["source", "pairs", "entities"] + keys + ["skipped"]) + "\n")
+    for src, r in data["sources"].items():
+      vals = ["" if r.get(k) is None else f"{r[k]:.6f}" for k in keys]
+      f.write(",".join([src, str(r.get("pairs", 0)), str(r.get("entities", ""))] + vals +
+                       [str(r.get("skipped", "")).replace(",", ";")]) + "\n")
+    plots.plot_recall(data, target("recall.png", "wb"), title)
     if "_map" in result:
-      with open(target("gene_embeddings.npz"), "wb") as f:
-        np.savez(f, labels=np.asarray(result["_map"]["labels"]).astype(str),
-                 embeddings=np.asarray(result["_map"]["embeddings"], np.float32))
-    for name, path in tmp.items():
-      os.replace(path, os.path.join(out_dir, name))
-  finally:
-    for path in tmp.values():
-      if os.path.exists(path):
-        os.remove(path)
+      np.savez(target("gene_embeddings.npz", "wb"),
+               labels=np.asarray(result["_map"]["labels"]).astype(str),
+               embeddings=np.asarray(result["_map"]["embeddings"], np.float32))
   return data
 
 
@@ -277,21 +271,12 @@ def _define_flags():
   flags.DEFINE_string("title", None, "plot title (default: the method)")
 
 
-def _parse(argv):
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"eval.recall: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run(flag_values) -> dict:
   f = flag_values
   if not f.out:
-    raise ValueError("--out is required")
+    raise EvalError("--out is required")
   if bool(f.embeddings) == bool(f.ckpt):
-    raise ValueError("give exactly one of --embeddings=FILE or --ckpt=DIR (with --manifest)")
+    raise EvalError("give exactly one of --embeddings=FILE or --ckpt=DIR (with --manifest)")
   options = dict(batch_correction=f.batch_correction, coral=f.coral, batch_key=f.batch_key,
                  control=f.control, expression=f.expression,
                  arm_correction="auto" if f.arm_correction is None else f.arm_correction,
@@ -302,9 +287,9 @@ def run(flag_values) -> dict:
     raise tables.TableError(f"{f.expression}: expression file not found")
   if f.ckpt:
     if not f.manifest:
-      raise ValueError("--ckpt needs --manifest=PATH")
+      raise EvalError("--ckpt needs --manifest=PATH")
     if f.metadata:
-      raise ValueError("--metadata goes with --embeddings, not --ckpt")
+      raise EvalError("--metadata goes with --embeddings, not --ckpt")
     from eval.embed import embed_wells  # the encoder stack is only needed here
     emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
                             batch_size=f.batch_size)
@@ -331,18 +316,10 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # keep stderr for warnings and the error line
   if len(argv) > 1:
-    print(f"eval.recall: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    data = run(flags.FLAGS)
-  except (ValueError, OSError, KeyError, resources.ResourceError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"eval.recall: {msg}", file=sys.stderr)
-    sys.exit(1)
-  print(json.dumps(data))
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  print(json.dumps(run(flags.FLAGS)))
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
-  app.run(main, flags_parser=_parse)
+  cli.run(main)

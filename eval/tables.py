@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from eval import EvalError
+
 STANDARD = ("well_id", "experiment", "plate", "well", "perturbation", "gene",
             "perturbation_type", "is_control", "concentration", "smiles")
 # lower-cased source name -> standard name
@@ -21,7 +23,7 @@ _FEATURE = re.compile(r"^(feature|feat|emb|embedding|dim|f)_?(\d+)$", re.IGNOREC
 _NPZ_MATRIX = ("embeddings", "features", "X", "x", "emb")
 
 
-class TableError(ValueError):
+class TableError(EvalError):
   """A user file is missing, unreadable or lacks an expected field (message is one line)."""
 
 

@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax.util import cli
+from mae_jax.util import cli, files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target TPU slice, e.g. v5p-128, v4-64, v5e-256, "
@@ -228,13 +228,11 @@ def topology_mesh(config, devices):
 def compile_step(config, topology: Topology, mesh, backend: str) -> dict:
   """Lowers and compiles the real train step on `mesh`; memory, FLOPs and timings."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
   from mae_jax.train import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
 
   per_device, _ = step_lib.check_batch(config, mesh)
   devices = mesh.devices.flatten()
-  rules = sharding.normalize_rules(config.sharding_rules)
   m = config.model
 
   t0 = time.perf_counter()
@@ -246,15 +244,7 @@ def compile_step(config, topology: Topology, mesh, backend: str) -> dict:
       raise cli.UserError(f"mesh {dict(mesh.shape)} does not divide {jax.tree_util.keystr(path)} "
                           f"of shape {leaf.shape} (split as {leaf.sharding.spec}); choose mesh "
                           f"sizes that divide it") from e
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  images = jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.channels),
-                                np.dtype(config.data.dtype),
-                                sharding=sharding.batch_sharding(mesh, rules))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  with step_lib.mesh_context(mesh, rules):
-    lowered = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
-        abstract, images, key)
+  lowered = step_lib.lower_train_step(graphdef, tx, config, mesh, abstract)
   lower_s = time.perf_counter() - t0
 
   analytical = flops.flops_per_image(m)["train"] * config.batch_size
@@ -264,6 +254,7 @@ def compile_step(config, topology: Topology, mesh, backend: str) -> dict:
       device_kind=devices[0].device_kind, devices=len(devices), mesh=dict(mesh.shape),
       global_batch=int(config.batch_size), per_device_batch=per_device,
       microbatches=int(config.microbatches), precision=config.precision, remat=bool(config.remat),
+      scan_layers=bool(m.get("scan_layers", False)),
       params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["model"])),
       state_bytes_per_device=sharding.per_device_bytes(abstract),
       hbm_bytes=topology.hbm_bytes, analytical_step_flops=analytical, lower_s=round(lower_s, 1))
@@ -312,7 +303,8 @@ def report(r: dict) -> str:
       f"chips, {r['hbm_bytes'] / GIB:.0f} GiB HBM each), backend {r['backend']}",
       f"mesh {mesh}; global batch {r['global_batch']} = {r['per_device_batch']} per device "
       f"({r['microbatches']} microbatches); {r['precision']} compute, "
-      f"remat {'on' if r['remat'] else 'off'}; {r['params'] / 1e6:,.1f} M parameters",
+      f"remat {'on' if r['remat'] else 'off'}, {'scanned' if r.get('scan_layers') else 'unrolled'} "
+      f"blocks; {r['params'] / 1e6:,.1f} M parameters",
   ]
   verdict = {True: "fits", False: "DOES NOT FIT", None: "no verdict: XLA:CPU's buffer "
              "assignment, not the TPU compiler's (install libtpu)"}[r["fits"]]
@@ -333,7 +325,7 @@ def report(r: dict) -> str:
 
 # -- README table ---------------------------------------------------------------------------------
 # (config, topology, overrides): the paper's global batches for L/8 and G/8 (16,384 on 128 H100s
-# and 8,192 on 256 H100s, method.md §2.6) on as many v5p chips (L/8 also on half as many), FSDP,
+# and 8,192 on 256 H100s, docs/method.md §2.6) on as many v5p chips (L/8 also on half as many), FSDP,
 # bf16, remat. ViT-G's width 1664 = 13 x 128 caps FSDP at 128-way: G/8 runs data 2 x fsdp 128.
 _BIG = ("--config.mesh.fsdp=-1", "--config.precision=bfloat16", "--config.remat=True")
 SCALING_TABLE = (
@@ -345,8 +337,6 @@ SCALING_TABLE = (
     ("vitl8", "v5p-128", ("--config.batch_size=16384", "--config.mesh.data=1") + _BIG),
     ("vitg8", "v5p-512", ("--config.batch_size=8192", "--config.mesh.data=2") + _BIG),
 )
-_BEGIN = re.compile(r"<!-- scaling:begin[^>]*-->")
-_END = "<!-- scaling:end -->"
 
 
 def run_command(config_name: str, topology: str, overrides, backend: str,
@@ -376,9 +366,7 @@ def run_command(config_name: str, topology: str, overrides, backend: str,
   result = dict(json.loads(lines[-1]), command=command)
   if cached:
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    tmp.replace(cached)
+    files.write(cached, json.dumps(result) + "\n")
   return result
 
 
@@ -394,11 +382,11 @@ def scaling_block(rows) -> str:
       "is the real train step, lowered over the sharded abstract state and compiled for the",
       "topology on a machine without TPUs, as MaxText's `train_compile.py` does. Memory is per",
       "device: arguments + outputs + temporaries, the donated train state counted once. Step",
-      "FLOPs: XLA's cost analysis / `mae_jax/models/flops.py` x batch. XLA's count includes the remat",
-      "recomputation (4/3 of the analytical count) but counts the body of a loop once, and the",
-      "TPU compiler turns large FSDP all-gather + matmul pairs into such loops (collective",
-      "matmuls: 13 of them in a 2-layer ViT-L/16 at fsdp 32), so it can fall below the",
-      "analytical count: use the analytical one for MFU.",
+      "FLOPs: XLA's cost analysis / `mae_jax/models/flops.py` x batch. XLA counts the body of a",
+      "loop once: with scanned blocks (`scan`: `model.scan_layers`, one loop for the encoder and",
+      "one for the decoder) its count holds one layer of each (`python -m bench.compile_time`",
+      "counts per trip: within 1 % of the unrolled step), plus the remat recomputation and the",
+      "TPU compiler's own loops (collective matmuls): use the analytical count for MFU.",
       "Topology names follow Cloud TPU: v5p-256 is 256 TensorCores = 128 chips (4x4x8). Compile",
       "times are wall seconds on the 2-core development machine, shared with other jobs.",
       "",
@@ -415,7 +403,8 @@ def scaling_block(rows) -> str:
   ]
   for r in rows:
     mesh = " x ".join(str(v) for v in r["mesh"].values())
-    compute = r["precision"] + (", remat" if r["remat"] else "")
+    compute = r["precision"] + (", remat" if r["remat"] else "") + (
+        ", scan" if r.get("scan_layers") else "")
     temp = f" ({r['temp_bytes'] / GIB:.1f})" if "temp_bytes" in r else ""
     xla = f"{r['step_flops'] / 1e12:,.0f}" if r.get("step_flops") else "-"
     fits = {True: "yes", False: "**no**", None: "? (XLA:CPU)"}[r["fits"]]
@@ -430,15 +419,7 @@ def scaling_block(rows) -> str:
 
 def write_readme(readme: pathlib.Path, block: str):
   """Replaces the text between the scaling markers (added under "## Scaling up" if absent)."""
-  text = readme.read_text()
-  begin = _BEGIN.search(text)
-  if begin is None or _END not in text[begin.end():]:
-    text = text.rstrip("\n") + f"\n\n## Scaling up\n\n<!-- scaling:begin -->\n{_END}\n"
-    begin = _BEGIN.search(text)
-  tail = text[begin.end():].split(_END, 1)[1]
-  tmp = readme.with_name(readme.name + ".tmp")
-  tmp.write_text(f"{text[:begin.end()]}\n{block}\n{_END}{tail}")
-  tmp.replace(readme)
+  files.rewrite_block(readme, "scaling", block, "## Scaling up")
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -476,25 +457,5 @@ def main(argv):
   print(json.dumps(result))
 
 
-def run():
-  """cli.run(main) with the flags parsed once: cli.run parses twice, and the second parse
-  re-defines every `--config.KEY` override flag ("defined twice"), as mae_jax/main.py notes."""
-  app.define_help_flags()
-  try:
-    argv = flags.FLAGS(sys.argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    cli.fail(cli.one_line(e), 2)
-
-  def guarded(argv):
-    try:
-      return main(argv)
-    except app.UsageError as e:
-      cli.fail(cli.one_line(e), 2)
-    except (cli.UserError, OSError) as e:  # OSError: also a config file that failed to load
-      cli.fail(cli.one_line(e))
-
-  app.run(guarded, flags_parser=lambda _: argv)
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

@@ -15,8 +15,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
 from mae_jax.util import cli
@@ -58,16 +57,7 @@ def _cluster_detected() -> bool:
   return slurm or tpu_hosts or "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
-class _QuietOrbax(logging.Filter):
-  """Orbax logs every save phase at INFO; keep its warnings and errors (and everything at -v 1)."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-            or absl_logging.get_verbosity() > 0)
-
-
 def main(argv):
-  absl_logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
@@ -76,18 +66,16 @@ def main(argv):
   if not config.dry_run and not _WORKDIR.value:
     raise cli.UserError("--workdir is required")
   _initialize_distributed()
-  from mae_jax.train import ConfigError, checkpointing, loop, sharding  # pylint: disable=g-import-not-at-top
-  errors = (ConfigError, sharding.MeshError, checkpointing.CheckpointError)
+  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.info("config file %s", config_flags.get_config_filename(flags.FLAGS["config"]))
   for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
     logging.info("override %s = %r", key, value)
-  try:
-    if config.dry_run:
-      result = loop.dry_run(config, compile_step=_DRY_RUN_COMPILE.value)
-    else:
-      result = loop.train_and_evaluate(config, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except errors as e:
-    raise cli.UserError(str(e)) from None
+  # A user mistake found on the way (ConfigError, MeshError, RecordError, ...) is a
+  # cli.UserError: cli.run shows it as one line.
+  if config.dry_run:
+    result = loop.dry_run(config, compile_step=_DRY_RUN_COMPILE.value)
+  else:
+    result = loop.train_and_evaluate(config, _WORKDIR.value, stop_at=_STOP_AT.value)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     result["process"] = jax.process_index()
@@ -96,30 +84,5 @@ def main(argv):
     sys.exit(1)
 
 
-def run():
-  """cli.run(main), parsing the flags once: a second parse (inside app.run) re-defines every
-  `--config.KEY` override flag and fails with "defined twice" (reported to the lead for cli.py)."""
-  app.define_help_flags()
-  try:
-    argv = flags.FLAGS(sys.argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    cli.fail(cli.one_line(e), 2)
-
-  def guarded(argv):
-    try:
-      return main(argv)
-    except app.UsageError as e:
-      cli.fail(cli.one_line(e), 2)
-    except (cli.UserError, OSError) as e:  # OSError: also a config file that failed to load
-      cli.fail(cli.one_line(e))
-    except Exception as e:  # pylint: disable=broad-except
-      from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-      if isinstance(e, input_pipeline.InputError):
-        cli.fail(cli.one_line(e))
-      raise
-
-  app.run(guarded, flags_parser=lambda _: argv)
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

@@ -4,7 +4,7 @@ r"""Model summary from abstract shapes: parameters, tokens, FLOPs per image, mem
     python -m mae_jax.summary --zoo=README.md   # regenerate the README's model-zoo table
 
 Nothing is allocated (`nnx.eval_shape`), so even ViT-G/8 takes seconds. FLOPs follow the model
-documented in `mae_jax/models/flops.py`. The last stdout line is one JSON object (contracts.md).
+documented in `mae_jax/models/flops.py`. The last stdout line is one JSON object (docs/contracts.md §1).
 """
 import json
 import pathlib
@@ -17,9 +17,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mae_jax.util import cli
+from mae_jax.util import cli, files
 
-from mae_jax.models import flops, mae
+from mae_jax.models import flops, registry
 
 
 
@@ -28,20 +28,25 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
   flags.DEFINE_string("zoo", None, "Rewrite the model-zoo table of this README and exit.")
 
-ZOO_CONFIGS = ("vits16", "vitb16", "vitb8", "vitl16", "vitl8", "vitg8", "camae_vits16")
-_BEGIN, _END = "<!-- zoo:begin (python -m mae_jax.summary --zoo=README.md) -->", "<!-- zoo:end -->"
+ZOO_CONFIGS = ("vits16", "vitb16", "vitb8", "vitl16", "vitl8", "vitg8", "camae_vits16", "munet_m",
+               "munet_l")
 
 
 def summarize(config) -> dict:
   """Counts encoder / decoder parameters and derives tokens, FLOPs and memory of `config`."""
   m = config.model
   with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: mae.build_model(m))
+    abstract = nnx.eval_shape(lambda: registry.build_model(m))
   counts = {"encoder": 0, "decoder": 0}
   for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
-    part = "decoder" if re.match(r"\.?(decoder|mask_token|channel_token)", _key(path[0])) else "encoder"
+    # MU-Net: the up path and the head decode; the ViT MAE: its decoder_* and mask/channel tokens.
+    part = ("decoder" if re.match(r"\.?(decoder|mask_token|channel_token|up|head)", _key(path[0]))
+            else "encoder")
     counts[part] += int(np.prod(leaf.shape))
-  n, keep = flops.tokens(m)
+  unet = m.get("kind", "mae") == "munet"
+  # MU-Net: the patches of the masking grid and how many stay visible (it convolves them all).
+  n = (m.image_size // m.patch_size) ** 2 if unet else flops.tokens(m)[0]
+  keep = int(n * (1 - m.mask_ratio)) if unet else flops.tokens(m)[1]
   f = flops.flops_per_image(m)
   params = counts["encoder"] + counts["decoder"]
   moments = 1 if config.optimizer.name == "lion" else 2
@@ -53,10 +58,12 @@ def summarize(config) -> dict:
       "image_size": m.image_size,
       "patch_size": m.patch_size,
       "channels": m.channels,
-      "channel_agnostic": bool(m.channel_agnostic),
-      "width": m.width,
-      "depth": m.depth,
-      "heads": m.num_heads,
+      "kind": m.get("kind", "mae"),
+      "channel_agnostic": bool(m.get("channel_agnostic", False)),
+      # MU-Net: width = channels of the first level, depth = levels; it has no heads.
+      "width": m.base_width if unet else m.width,
+      "depth": m.levels if unet else m.depth,
+      "heads": None if unet else m.num_heads,
       "tokens": n,
       "kept_tokens": keep,
       "mask_ratio": m.mask_ratio,
@@ -84,12 +91,7 @@ def zoo_table(rows) -> str:
 def write_zoo(readme: pathlib.Path):
   import importlib
   rows = [summarize(importlib.import_module(f"configs.{name}").get_config()) for name in ZOO_CONFIGS]
-  text = readme.read_text()
-  if _BEGIN not in text or _END not in text:
-    raise ValueError(f"{readme}: no model-zoo markers {_BEGIN!r} ... {_END!r}")
-  head, rest = text.split(_BEGIN, 1)
-  tail = rest.split(_END, 1)[1]
-  readme.write_text(f"{head}{_BEGIN}\n{zoo_table(rows)}\n{_END}{tail}")
+  files.rewrite_block(readme, "zoo", zoo_table(rows))
   return rows
 
 

@@ -70,4 +70,5 @@ def test_cli_prints_json_lines_and_rejects_bad_flags():
   assert all(r["gflops_per_s"] > 0 for r in rows)
   bad = subprocess.run([sys.executable, "-m", "bench.common", "--n=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-  assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+  assert bad.stderr.startswith("bench.common: error: --threads must be >= 0"), bad.stderr

@@ -116,7 +116,7 @@ def test_readme_block_from_command_output(tiny_cpu, tmp_path):
   aot.write_readme(readme, block)
   aot.write_readme(readme, block)  # idempotent
   text = readme.read_text()
-  assert "old" not in text and text.count(block) == 1 and text.endswith("## After\nkept\n")
+  assert "\nold\n" not in text and text.count(block) == 1 and text.endswith("## After\nkept\n")
   assert "<!-- scaling:begin (regenerate) -->\n" in text
 
   bare = tmp_path / "BARE.md"
@@ -124,7 +124,7 @@ def test_readme_block_from_command_output(tiny_cpu, tmp_path):
   aot.write_readme(bare, block)
   assert bare.read_text() == (f"# mae_jax\n\n## Scaling up\n\n<!-- scaling:begin -->\n{block}\n"
                               "<!-- scaling:end -->\n")
-  assert not list(tmp_path.glob("*.tmp"))
+  assert not list(tmp_path.glob("*.tmp*"))
 
 
 @pytest.mark.parametrize("args,says", [
@@ -139,9 +139,10 @@ def test_readme_block_from_command_output(tiny_cpu, tmp_path):
 ])
 def test_user_mistakes_give_one_line(args, says):
   proc = run_compile(*args)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and says in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("mae_jax.compile: error: "), proc.stderr
+  assert says in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
 
 

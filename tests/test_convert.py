@@ -1,5 +1,5 @@
 """data_prep.convert on tiny screens written here in the exact RxRx1 / RxRx3 / RxRx3-core / CSV
-layouts (file names, CSV headers, key formats of method.md §7), at reduced image sizes."""
+layouts (file names, CSV headers, key formats of docs/data_layouts.md), at reduced image sizes."""
 import io
 import json
 import os
@@ -18,6 +18,7 @@ from data_prep import convert
 from data_prep import layouts
 from data_prep.layouts import ConvertError
 from mae_jax.data import records
+from mae_jax.util import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 256  # site size of the fixtures (real: 512 / 2048 via --image_size)
@@ -331,12 +332,12 @@ def test_rerun_skips_finished_shards_and_is_byte_identical(tmp_path):
 
 
 def _main_error(capsys, *argv):
-  try:
-    rc = convert.main(["--progress=off", *argv])
-  except SystemExit as e:  # argparse mistakes
-    rc = e.code
+  """The command line through cli.run, as `python -m data_prep.convert` runs it."""
+  with pytest.raises(SystemExit) as e:
+    cli.run(convert.main, ["--progress=off", *argv], absl_flags=False)
   err = capsys.readouterr().err
-  assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err, err
+  assert e.value.code == cli.USAGE and err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("data_prep.convert: error: "), err
   return err
 
 
@@ -435,6 +436,7 @@ def test_cli_subprocess(tmp_path):
   os.remove(tmp_path / "rxrx1" / "images" / "HUVEC-24" / "Plate1" / "B02_s2_w6.png")
   run = subprocess.run(base + [f"--out={tmp_path / 'out2'}"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
-  assert run.returncode == 1 and run.stdout == ""
+  assert run.returncode == 2 and run.stdout == ""
   assert run.stderr.count("\n") == 1 and "B02_s2_w6.png" in run.stderr, run.stderr
+  assert run.stderr.startswith("data_prep.convert: error: "), run.stderr
   assert "HUVEC-24_1_B02_2" in run.stderr and not (tmp_path / "out2").exists()

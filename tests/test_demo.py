@@ -125,9 +125,9 @@ def test_user_errors_are_one_line(tmp_path):
                [f"--out={tmp_path / 'y'}", "--config.model.nonsense=1"],
                [f"--out={tmp_path / 'z'}", "--eval_points=0"]):
     proc = demo(*args)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("mae_jax.demo: error: "), proc.stderr
   assert sorted(os.listdir(tmp_path)) == ["done"]
   assert sorted(os.listdir(tmp_path / "done")) == ["screen"]
 
@@ -165,6 +165,8 @@ def test_readme_block_is_replaced_in_place(tmp_path):
   assert "OLD-BLOCK" not in text and text.endswith("\n## After\n")
   assert text.count(report.HEADING) == 1
   assert "| true phenotypes (ceiling) | 0.600 |" in text
+  # 50 CORUM pairs at recall 0.3: sqrt(0.3 * 0.7 / 50) = 0.065.
+  assert "binomial standard error of about 0.06" in text
 
 
 def _fake_report():
@@ -185,5 +187,3 @@ def _fake_report():
   data["gains"]["mae_over_random_init"] = data["gains"]["mae"] / data["gains"]["random_init"]
   data["checks"] = report.checks(data)
   return data
-  # 50 CORUM pairs at recall 0.3: sqrt(0.3 * 0.7 / 50) = 0.065.
-  assert "binomial standard error of about 0.06" in text

@@ -127,9 +127,10 @@ def test_cli_user_errors_one_line(screen, tmp_path):
   ]
   for args, needle in cases:
     proc = _cli(*args)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], proc.stderr
+    assert len(err) == 1 and err[0].startswith("eval.recall: error: "), proc.stderr
+    assert needle in err[0], proc.stderr
     assert not any(p.name.startswith(".") or p.suffix for p in tmp_path.glob("*/*"))
 
 
@@ -164,15 +165,36 @@ def test_score_wells_in_process_methods(screen):
     assert res["n_perturbations"] == len(genes) and res["batch_correction"]["method"] == method
     scores[method] = res["sources"]["CORUM"]["recall_0.1_0.9"]
   assert scores["tvn"] >= scores["none"] and scores["pca_centerscale"] >= scores["none"]
-  # a map table (one row per perturbation) with expression: unexpressed-gene arm centring
-  expr = {g: -5.0 for g in genes}
-  gmap = np.random.default_rng(0).standard_normal((len(genes), 8))
-  res = recall.score_map(genes, gmap, pairs_by_source=pairs, expression=expr, min_entities=2)
-  assert res["arm_correction"]["mode"] == "unexpressed"
+  # a map table (one row per perturbation) with expression: unexpressed-gene arm centring.
+  # The screen has 20 genes on chr1p and 20 on chr19q; 10 more chr1p genes give that arm 30,
+  # 22 of them unexpressed (> 20: centred), while chr19q's 20 are not > 20 (left alone).
+  arms = resources.gene_arms()
+  extra = sorted(g for g, a in arms.items() if a == "chr1p")[20:30]
+  assert not set(extra) & set(genes)
+  labels = genes + extra
+  on_1p = np.array([arms[g] == "chr1p" for g in labels])
+  expr = {g: (2.0 if g in extra[:8] else -5.0) for g in labels}  # 22 of chr1p unexpressed
+  basis = np.array([on_1p[k] and expr[g] < -3 for k, g in enumerate(labels)])
+  rng = np.random.default_rng(0)
+  gmap = rng.standard_normal((len(labels), 8))
+  gmap[on_1p] += rng.standard_normal(8) * 5  # an arm-wide offset (proximity bias)
+  res = recall.score_map(labels, gmap, pairs_by_source=pairs, expression=expr, min_entities=2)
+  arm = res["arm_correction"]
+  assert arm["mode"] == "unexpressed" and arm["arms_with_genes"] == 2
+  assert arm["arms_corrected"] == 1 and arm["genes_corrected"] == 30
+  assert arm["arm_mates_before"] > 0.5 and abs(arm["arm_mates_after"]) < 0.2
   assert res["sources"]["CORUM"]["pairs"] == len(genes) // 2
-  res = recall.score_map(genes, gmap, pairs_by_source=pairs, arm_correction=True)
+  got = res["_map"]["embeddings"]
+  want = gmap.copy()
+  want[on_1p] -= gmap[basis].mean(axis=0)  # the offset is gone with the basis mean
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_array_equal(got[~on_1p], gmap[~on_1p].astype(np.float32))
+  res = recall.score_map(labels, gmap, pairs_by_source=pairs, arm_correction=True)
   assert res["arm_correction"]["mode"] == "all_genes"
-  assert res["arm_correction"]["arms_corrected"] == 0  # 20 genes per arm is not > 20
+  assert res["arm_correction"]["arms_corrected"] == 1  # chr1p's 30; chr19q's 20 is not > 20
+  want = gmap.copy()
+  want[on_1p] -= gmap[on_1p].mean(axis=0)
+  np.testing.assert_allclose(res["_map"]["embeddings"], want, atol=1e-5)
 
 
 def test_map_tables_npz_and_csv(tmp_path):

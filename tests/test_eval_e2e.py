@@ -80,7 +80,8 @@ def test_train_then_recall_from_checkpoint(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "eval.recall", f"--ckpt={tmp_path}", f"--manifest={manifest}",
                         f"--out={tmp_path / 'eval_bad'}"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  assert bad.stderr.startswith("eval.recall: error: "), bad.stderr
   assert not (tmp_path / "eval_bad").exists()
 
 

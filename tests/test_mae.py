@@ -204,5 +204,14 @@ def test_summary_parameter_counts_of_the_model_zoo():
     assert 25e6 < s["decoder_params"] < 27e6
   s = summary.summarize(common.get_config("S/16"))
   assert s["tokens"] == 256 and s["kept_tokens"] == 64
-  assert s["train_gflops_per_image"] == pytest.approx(52.8, abs=0.1)  # jax_stack.md §G
+  assert s["train_gflops_per_image"] == pytest.approx(52.8, abs=0.1)  # docs/method.md §1.7
   assert s["embed_gflops_per_image"] == pytest.approx(12.4, abs=0.1)
+
+
+def test_unpatchify_inverts_patchify():
+  x = np.random.default_rng(0).standard_normal((2, 8, 12, 3)).astype(np.float32)
+  tokens = vit.patchify(jnp.asarray(x), 4)
+  assert tokens.shape == (2, 6, 48)
+  np.testing.assert_array_equal(vit.unpatchify(np.asarray(tokens), 4, 8, 12), x)
+  # Token k is the patch at (row, col) = divmod(k, W/p), its values (row, col, channel) inside.
+  np.testing.assert_array_equal(np.asarray(tokens)[1, 4], x[1, 4:8, 4:8].ravel())

@@ -1,7 +1,6 @@
 """The synthetic screen: planted biology, batch effects, arm proximity, layout, determinism."""
 import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -13,7 +12,15 @@ import pytest
 from PIL import Image
 
 from data_prep import phenotypes, render, synthetic
-from eval.benchmarks import known_relationship_recall
+from eval import benchmarks
+from mae_jax.util import cli
+
+
+def known_relationship_recall(x, labels, pairs, **options):
+  """Recall of one source, which must have enough genes in the map."""
+  return benchmarks.relationship_recall(x, labels, {"S": pairs}, strict=True,
+                                        **options)["sources"]["S"]
+
 
 SMALL = ["--genes=40", "--guides=2", "--experiments=2", "--plates=3", "--controls_per_plate=10",
          "--image_size=256", "--seed=3"]
@@ -96,7 +103,7 @@ def test_arm_mates_are_similar_until_arm_correction(default_biology):
   cos = np.sum(unit[i] * unit[j], axis=1)
   assert mates.sum() > 500
   assert cos[mates].mean() > cos[unrelated & ~mates].mean() + 0.1
-  # Arm correction (method.md §3.5): subtract the mean of the unexpressed genes of arms with > 20.
+  # Arm correction (docs/method.md §3.5): subtract the mean of the unexpressed genes of arms with > 20.
   corrected = gene_means.copy()
   big = [a for a in np.unique(arms) if np.sum((arms == a) & ~expressed) > 20]
   assert len(big) >= 3
@@ -216,16 +223,18 @@ def test_rerun_is_byte_identical_and_resumes(screen, tmp_path, capsys):
 def test_user_mistakes_fail_in_one_line(tmp_path, capsys):
   out = tmp_path / "x"
   for bad in (["--genes=2"], ["--image_size=100"], ["--plates=1", "--controls_per_plate=1500"]):
-    with pytest.raises(SystemExit) as e:
-      synthetic.main([f"--out={out}", *bad])
-    assert e.value.code != 0
+    with pytest.raises(SystemExit) as e:  # the command line, as `python -m` runs it
+      cli.run(synthetic.main, [f"--out={out}", *bad], absl_flags=False)
+    assert e.value.code == cli.USAGE
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err, err
+    assert err.startswith("data_prep.synthetic: error: --") and "\n" not in err, err
+    with pytest.raises(synthetic.SyntheticError):  # in-process callers get the exception
+      synthetic.main([f"--out={out}", *bad])
   (tmp_path / "busy").mkdir()
   (tmp_path / "busy" / "notes.txt").write_text("mine")
-  with pytest.raises(SystemExit):
-    synthetic.main([f"--out={tmp_path / 'busy'}", *SMALL])
-  assert "not empty" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    cli.run(synthetic.main, [f"--out={tmp_path / 'busy'}", *SMALL], absl_flags=False)
+  assert e.value.code == cli.USAGE and "not empty" in capsys.readouterr().err
   proc = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--help"],
                         capture_output=True, text=True)
   assert proc.returncode == 0 and "--controls_per_plate" in proc.stdout

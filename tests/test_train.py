@@ -234,9 +234,10 @@ def test_sigterm_saves_that_step_and_exits_0(tmp_path, cache_dir):
 
 def test_user_mistakes_are_one_line(tmp_path, cache_dir, devices):
   bad_mesh = run_main([*TINY, "--config.mesh.data=3", f"--workdir={tmp_path}"], cache_dir)
-  assert bad_mesh.returncode == 1 and "Traceback" not in bad_mesh.stderr
+  assert bad_mesh.returncode == 2 and "Traceback" not in bad_mesh.stderr
   assert bad_mesh.stderr.strip().splitlines()[-1] == (
-      "error: mesh: data*fsdp*tensor = 3 but 8 devices are present; set one axis to -1 to fill")
+      "mae_jax.main: error: mesh: data*fsdp*tensor = 3 but 8 devices are present; set one axis "
+      "to -1 to fill")
   config = tiny.get_config()
   config.batch_size = 12
   with pytest.raises(ConfigError, match="divisible by 8 batch shards"):

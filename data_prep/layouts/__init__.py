@@ -11,7 +11,7 @@ from data_prep.layouts import rxrx3_core
 from data_prep.layouts import user_manifest
 
 LAYOUTS = ("rxrx1", "rxrx3", "rxrx3_core", "manifest")
-# The real site size and bit depth of each layout (method.md §2.5, §7); None: the user's choice.
+# The real site size and bit depth of each layout (docs/data_layouts.md); None: the user's choice.
 REAL_SIZE = {"rxrx1": 512, "rxrx3": 2048, "rxrx3_core": 512, "manifest": None}
 REAL_DTYPE = {"rxrx1": "uint8", "rxrx3": "uint16", "rxrx3_core": "uint8", "manifest": None}
 

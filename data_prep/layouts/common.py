@@ -9,12 +9,14 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from mae_jax.util.errors import UserError
+
 # Written in this order, so that records of every layout have the same feature layout.
 STANDARD_KEYS = ("well_id", "experiment", "plate", "well", "site", "perturbation", "gene",
                  "perturbation_type", "is_control", "cell_type", "concentration", "smiles")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
   """A mistake in the user's data or flags; the message is one line naming file/site/field."""
 
 

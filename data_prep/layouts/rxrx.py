@@ -1,4 +1,4 @@
-"""RxRx1 and RxRx3: metadata.csv + one PNG per channel (method.md §7.1, §7.2)."""
+"""RxRx1 and RxRx3: metadata.csv + one PNG per channel (docs/data_layouts.md §1-2)."""
 import os
 import sys
 

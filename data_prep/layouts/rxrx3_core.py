@@ -1,4 +1,4 @@
-"""RxRx3-core: parquet shards with one JPEG-2000 channel image per row (method.md §7.3).
+"""RxRx3-core: parquet shards with one JPEG-2000 channel image per row (docs/data_layouts.md §3).
 
 Rows carry `__key__` = "{experiment}/Plate{plate}/{address}_s1_{channel}" and `jp2` =
 struct{bytes, path}; six rows make a site. Wells join `metadata_rxrx3_core.csv` when present.

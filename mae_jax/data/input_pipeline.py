@@ -19,9 +19,10 @@ import grain
 import numpy as np
 
 from mae_jax.data import records
+from mae_jax.util.errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
   """A dataset that does not fit the run: one line naming file, field and values."""
 
 

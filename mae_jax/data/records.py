@@ -6,6 +6,7 @@ sidecar `.idx` (int64 rows of payload offset and length) for random access.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -17,8 +18,10 @@ import numpy as np
 
 # The site codec, re-exported: records is the one import for the format.
 # pylint: disable-next=unused-import
-from mae_jax.data.example_codec import (DTYPES, decode_image, decode_metadata, decode_site,
-                                        encode_site, metadata_from_reader)
+from mae_jax.data.example_codec import (DTYPES, decode_image, decode_site, encode_site,
+                                        metadata_from_reader)
+from mae_jax.util import files
+from mae_jax.util.errors import UserError
 
 FORMAT = "mae_jax-tfrecord-v1"
 _HEADER = 12  # uint64 length + uint32 masked crc of the length.
@@ -26,11 +29,11 @@ _FOOTER = 4   # uint32 masked crc of the payload.
 _MASK_DELTA = 0xa282ead8
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
   """A shard that cannot be read: message names the shard, byte offset and problem."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
   """A manifest.json that is missing or malformed: one line naming file and field."""
 
 
@@ -66,23 +69,11 @@ class _WindowReader:
     return memoryview(self._data)[pos - self._start:pos - self._start + n]
 
 
-def _atomic_write(path: str, write_fn) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      write_fn(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 class ShardWriter:
   """with ShardWriter(path) as w: w.write(image, channels, metadata).
 
-  Writes `path + ".tmp"`; on clean exit renames it to `path` and writes the
-  `.idx` sidecar; on an exception removes the temporary file.
+  Writes a temporary file beside `path` (files.atomic_open); on clean exit renames it to `path`
+  and writes the `.idx` sidecar; on an exception removes the temporary file.
   """
 
   def __init__(self, path: str):
@@ -91,9 +82,10 @@ class ShardWriter:
     self._index = []
     self._offset = 0
     self._file = None
+    self._open = contextlib.ExitStack()
 
   def __enter__(self):
-    self._file = open(self.path + ".tmp", "wb")
+    self._file = self._open.enter_context(files.atomic_open(self.path, "wb"))
     return self
 
   def write(self, image, channels, metadata) -> None:
@@ -107,13 +99,10 @@ class ShardWriter:
     self.count += 1
 
   def __exit__(self, exc_type, exc, tb):
-    self._file.close()
-    if exc_type is not None:
-      os.remove(self.path + ".tmp")
-      return False
-    os.replace(self.path + ".tmp", self.path)
-    index = np.asarray(self._index, np.int64).reshape(-1, 2)
-    _atomic_write(self.path + ".idx", lambda f: np.save(f, index))
+    self._open.__exit__(exc_type, exc, tb)  # renames the shard, or removes it on an exception
+    if exc_type is None:
+      with files.atomic_open(self.path + ".idx", "wb") as f:
+        np.save(f, np.asarray(self._index, np.int64).reshape(-1, 2))
     return False
 
 
@@ -126,8 +115,7 @@ def write_manifest(out_dir, manifest: dict) -> str:
   """Atomically writes out_dir/manifest.json; returns its path."""
   path = os.path.join(os.fspath(out_dir), "manifest.json")
   manifest = {"format": FORMAT, **manifest}
-  text = json.dumps(manifest, indent=1) + "\n"
-  _atomic_write(path, lambda f: f.write(text.encode()))
+  files.write(path, json.dumps(manifest, indent=1) + "\n")
   return path
 
 

@@ -7,7 +7,7 @@ Pure Python (no jax), so data_prep and eval both use it.
   ``pip download`` into the cache, never vendored.
 * The hg38 gene -> chromosome-arm table is vendored (``mae_jax/data/gene_arms_hg38.tsv.gz``),
   derived from the UCSC tables in ``proxbias==0.11.0`` by ``data_prep/build_arm_table.py``.
-* U2OS zFPKM expression ships in ``efaar-benchmarking==0.1.0`` (method.md §3.5).
+* U2OS zFPKM expression ships in ``efaar-benchmarking==0.1.0`` (docs/method.md §3.5).
 
 The cache lives in ``$MAE_JAX_CACHE`` (default ``~/.cache/mae_jax``).
 """
@@ -23,9 +23,12 @@ import sys
 import tempfile
 import zipfile
 
+from mae_jax.util import files
+from mae_jax.util.errors import UserError
+
 SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
 
-# name -> (version, sha256 of the wheel) as data_sources.md pins them.
+# name -> (version, sha256 of the wheel), as docs/data_layouts.md §7 lists them.
 WHEELS = {
     "efaar-benchmarking": ("1.0", "25641286f25db1b39f4f654e5f51a73503465a864993ba6e6f550b72ee42e565"),
     "efaar-benchmarking-0.1.0": ("0.1.0", "27a641cdc72ca58ad8437bf1f1d36cbc348413010ffa0c9678bf3143bdbcf658"),
@@ -34,7 +37,7 @@ WHEELS = {
 _ARM_TABLE = pathlib.Path(__file__).parent / "gene_arms_hg38.tsv.gz"
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
   """A reference file is missing, corrupt or cannot be fetched (message is one line)."""
 
 
@@ -55,13 +58,13 @@ def fetch_wheel(key: str) -> pathlib.Path:
   with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{name}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = list(pathlib.Path(tmp).glob("*.whl"))
-    if proc.returncode or not files:
+    wheels = list(pathlib.Path(tmp).glob("*.whl"))
+    if proc.returncode or not wheels:
       last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
       raise ResourceError(f"cannot download {name}=={version} from the package index: {last}")
-    if _sha256(files[0]) != sha:
-      raise ResourceError(f"{files[0].name}: sha256 does not match the pinned {sha[:12]}...")
-    os.replace(files[0], dest)
+    if _sha256(wheels[0]) != sha:
+      raise ResourceError(f"{wheels[0].name}: sha256 does not match the pinned {sha[:12]}...")
+    os.replace(wheels[0], dest)  # pip wrote it in a folder beside dest: the move is atomic
   return dest
 
 
@@ -83,10 +86,8 @@ def annotations_dir(annotations_dir=None) -> pathlib.Path:
   with zipfile.ZipFile(fetch_wheel("efaar-benchmarking")) as zf:
     for name in [f"{s}.txt" for s in SOURCES] + ["CORUM_clusters.tsv", "LICENSE"]:
       if not (d / name).exists():
-        tmp = d / (name + ".tmp")
-        with zf.open(prefix + name) as src, open(tmp, "wb") as dst:
+        with zf.open(prefix + name) as src, files.atomic_open(d / name, "wb") as dst:
           shutil.copyfileobj(src, dst)
-        os.replace(tmp, d / name)
   return d
 
 
@@ -121,13 +122,6 @@ def gene_arms() -> dict:
     return {r["gene"]: r["arm"] for r in csv.DictReader(f, delimiter="\t")}
 
 
-def gene_locations() -> dict:
-  """hg38 gene symbol -> (chrom, start, end, arm)."""
-  with gzip.open(_ARM_TABLE, "rt") as f:
-    return {r["gene"]: (r["chrom"], int(r["start"]), int(r["end"]), r["arm"])
-            for r in csv.DictReader(f, delimiter="\t")}
-
-
 def u2os_expression() -> dict:
   """Gene -> median zFPKM in U2OS (efaar-benchmarking 0.1.0), the public proxy for expression."""
   out = cache_dir() / "u2os_zfpkm.csv"
@@ -138,14 +132,12 @@ def u2os_expression() -> dict:
       with zf.open(member) as f:
         for r in csv.DictReader(line.decode() for line in f):
           values.setdefault(r["gene"], []).append(float(r["zfpkm"]))
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with files.atomic_open(out) as f:
       f.write("gene,zFPKM\n")
       for g, v in sorted(values.items()):
         v.sort()
         n = len(v)
         med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
         f.write(f"{g},{med}\n")
-    os.replace(tmp, out)
   with open(out) as f:
     return {r["gene"]: float(r["zFPKM"]) for r in csv.DictReader(f)}

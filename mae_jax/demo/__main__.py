@@ -16,18 +16,16 @@ run continues; training resumes from its newest checkpoint):
   6. score       eval.recall.score_wells with TVN (+ arm centring), without any correction, and
                  with TVN but no arm centring; the MAE's held-out loss against predicting the
                  crop mean
-  7. report      DIR/report.json (contracts.md), DIR/report.md and figures (mae_jax/demo/report.py);
+  7. report      DIR/report.json (docs/contracts.md §3), DIR/report.md and figures (mae_jax/demo/report.py);
                  --readme rewrites the README's demo block and copies the figures beside it.
 The last stdout line is report.json.
 """
 import json
-import logging
 import os
 import sys
 import time
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
 import configs
@@ -64,7 +62,8 @@ for _name in SCREEN_FLAGS:
   flags.DEFINE_integer(_name, None, f"data_prep.synthetic --{_name} (default: its own)")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "demo.py")
 # No default here: config_flags would load it and apply --config.KEY overrides at import time,
-# where a typo could only end in a traceback; run() adds --config=DEFAULT_CONFIG instead.
+# where a typo could only end in a traceback; the __main__ block below adds
+# --config=DEFAULT_CONFIG to the command line instead.
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, f"MAE recipe (default {DEFAULT_CONFIG}; override with --config.KEY=VALUE)",
     lock_config=True)
@@ -221,13 +220,13 @@ def _mesh_and_model(model_cfg=None, ckpt=None, seed=0):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from eval import embed  # pylint: disable=g-import-not-at-top
   from mae_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import registry  # pylint: disable=g-import-not-at-top
   mesh = embed.data_parallel_mesh()
   if ckpt is not None:
     model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
   else:
     with nnx.use_eager_sharding(False):
-      model = mae.build_model(model_cfg, seed=seed)
+      model = registry.build_model(model_cfg, seed=seed)
   return mesh, model
 
 
@@ -398,16 +397,7 @@ def describe_device():
   return f"{jax.default_backend()}: {len(devices)} x {kind}{extra}"
 
 
-class _Quiet(logging.Filter):
-  """Orbax logs every save and restore phase at INFO; keep its warnings (as main.py does)."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-            or absl_logging.get_verbosity() > 0)
-
-
 def main(argv):
-  absl_logging.get_absl_handler().addFilter(_Quiet())
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _OUT.value:
@@ -434,37 +424,8 @@ def main(argv):
   print(json.dumps(report.public(data)), flush=True)
 
 
-def run():
-  """Parses the flags once (a second parse re-defines the --config.KEY overrides; see main.py)."""
-  app.define_help_flags()
-  argv = list(sys.argv)
-  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-    argv.insert(1, f"--config={DEFAULT_CONFIG}")
-  try:
-    argv = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY that does not exist
-    cli.fail(f"--config override: no config key {cli.one_line(e)} in the recipe", 2)
-  except (flags.Error, TypeError, ValueError, OSError) as e:
-    cli.fail(cli.one_line(e), 2)
-
-  def guarded(argv):
-    try:
-      return main(argv)
-    except app.UsageError as e:
-      cli.fail(cli.one_line(e), 2)
-    except (cli.UserError, FileNotFoundError, NotADirectoryError) as e:
-      cli.fail(cli.one_line(e))
-    except Exception as e:  # pylint: disable=broad-except
-      # pylint: disable-next=g-import-not-at-top
-      from mae_jax.data import input_pipeline, records, resources
-      from mae_jax.train import ConfigError
-      if isinstance(e, (input_pipeline.InputError, records.RecordError, resources.ResourceError,
-                        ConfigError)):
-        cli.fail(cli.one_line(e))
-      raise
-
-  app.run(guarded, flags_parser=lambda _: argv)
-
-
 if __name__ == "__main__":
-  run()
+  _ARGS = sys.argv[1:]
+  if not any(a == "--config" or a.startswith("--config=") for a in _ARGS):
+    _ARGS.insert(0, f"--config={DEFAULT_CONFIG}")
+  cli.run(main, _ARGS)

@@ -1,6 +1,6 @@
 """Hand-crafted pixel statistics of a site: the yardstick a learned embedding has to beat.
 
-    feats = site_features(image)                         # (F,) float32, names in FEATURE_NAMES
+    feats = site_features(image)                         # (F,) float32, names: feature_names()
     site_feats, site_meta = manifest_features(manifest)  # every site of a prepared dataset
 
 Three families, numpy/scipy only, about 40 ms per 512² x 6 site:
@@ -27,7 +27,8 @@ BANDS = 6  # octave bands of the radial power spectrum: periods 2-4, 4-8, ..., 6
 MIN_NUCLEUS_PX = 12  # smaller connected components are noise
 
 
-def _names(channels=6):
+def feature_names(channels: int = 6) -> list:
+  """The names of site_features' values, in order."""
   names = []
   for c in range(1, channels + 1):
     names += [f"w{c}_logq{int(q * 100):02d}" for q in QUANTILES]
@@ -38,9 +39,6 @@ def _names(channels=6):
   for c in range(1, channels + 1):
     names += [f"w{c}_nucleus_vs_cyto", f"w{c}_cyto_vs_background"]
   return names
-
-
-FEATURE_NAMES = tuple(_names())
 
 
 def _otsu(values: np.ndarray, bins: int = 128) -> float:
@@ -131,10 +129,6 @@ def site_features(image: np.ndarray) -> np.ndarray:
     out += [np.log((n + 1) / (c + 1)), np.log((c + 1) / (b + 1))]
   feats = np.asarray(out, np.float32)
   return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def feature_names(channels: int = 6) -> list:
-  return _names(channels)
 
 
 def _features_of_range(args):

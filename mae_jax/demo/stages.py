@@ -1,6 +1,6 @@
 """Bookkeeping of mae_jax.demo's resumable stages: stage timer, atomic JSON and well files,
-subprocess stages. Every writer goes through a temporary file and os.replace, so an interrupted
-stage leaves nothing that a rerun would mistake for finished work."""
+subprocess stages. Every writer goes through util.files.atomic_open, so an interrupted stage
+leaves nothing that a rerun would mistake for finished work."""
 import json
 import os
 import resource
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from mae_jax.util import cli
+from mae_jax.util import cli, files
 
 
 def log(msg):
@@ -16,10 +16,7 @@ def log(msg):
 
 
 def write_json(path, obj):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  files.write(path, json.dumps(obj, indent=1))
 
 
 def read_json(path):
@@ -100,9 +97,8 @@ def run_module(args, what):
 
 def save_wells(path, emb, meta):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, emb=np.asarray(emb, np.float32), meta=np.array(meta.to_csv(index=False)))
-  os.replace(tmp, path)
+  with files.atomic_open(path, "wb") as f:
+    np.savez(f, emb=np.asarray(emb, np.float32), meta=np.array(meta.to_csv(index=False)))
 
 
 def load_wells(path):

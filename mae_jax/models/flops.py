@@ -4,8 +4,8 @@ Counted: every matmul (patch embedding, fused in-projection, attention scores q 
 weighted sum a v, attention output, MLP, decoder embedding, decoder blocks, prediction head).
 Ignored: LayerNorms, softmax, GELU, the FFT of the loss, masking gathers (all O(N d), < 1 %).
 A train step is forward + backward = 3 x forward. The MAE forward runs the encoder on the kept
-tokens + CLS and the decoder on all tokens + CLS (method.md §1.7). These match the peer harness'
-figures (jax_stack.md §G): ViT-S/16 train 52.8 GFLOP per image, embedding 12.4.
+tokens + CLS and the decoder on all tokens + CLS (docs/method.md §1.7). ViT-S/16: train 52.8 GFLOP
+per image, embedding 12.4, as an independent count of the same matmuls gives.
 """
 
 
@@ -26,6 +26,8 @@ def tokens(cfg, channels=None):
 
 def flops_per_image(cfg, channels=None) -> dict:
   """FLOPs of one image: `train` (fwd + bwd of the masked MAE) and `embed` (encoder, no masking)."""
+  if cfg.get("kind", "mae") == "munet":
+    return _munet_flops(cfg)
   c = cfg.channels if channels is None else channels
   n, keep = tokens(cfg, c)
   patch_in = cfg.patch_size ** 2 * (1 if cfg.channel_agnostic else c)
@@ -35,3 +37,26 @@ def flops_per_image(cfg, channels=None) -> dict:
   decoder = (2 * (keep + 1) * d * dd + cfg.decoder_depth * _decoder_block(n + 1, dd, 4 * dd)
              + 2 * (n + 1) * dd * patch_in)
   return dict(train=3 * (encoder(keep) + decoder), embed=encoder(n))
+
+
+def unet_widths(cfg) -> tuple[int, ...]:
+  """MU-Net channels of each encoder level then the bottleneck: base, 2 base, ..., 2^levels base."""
+  return tuple(cfg.base_width * 2 ** i for i in range(cfg.levels + 1))
+
+
+def _munet_flops(cfg) -> dict:
+  """MU-Net (models/munet.py): convolutions only, 2 FLOPs per MAC, train = 3 x forward.
+
+  Unlike the ViT MAE the encoder sees the whole (blanked) crop, so masking saves no compute.
+  """
+  widths, size = unet_widths(cfg), cfg.image_size
+  conv = lambda res, k, cin, cout: 2 * res * res * k * k * cin * cout
+  block = lambda res, cin, cout: conv(res, 3, cin, cout) + conv(res, 3, cout, cout)
+  ins = (cfg.channels + 1,) + widths[:-2]  # + 1: the mask plane
+  encoder = sum(block(size >> i, ins[i], widths[i]) for i in range(cfg.levels))
+  encoder += block(size >> cfg.levels, widths[-2], widths[-1])
+  # A 2x2 stride-2 transposed conv costs one MAC per (output pixel, cin, cout).
+  decoder = sum(conv(size >> i, 1, widths[i + 1], widths[i])
+                + block(size >> i, 2 * widths[i], widths[i]) for i in range(cfg.levels))
+  decoder += conv(size, 1, widths[0], cfg.channels)
+  return dict(train=3 * (encoder + decoder), embed=encoder)

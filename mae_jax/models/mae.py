@@ -4,7 +4,7 @@
     emb = model.embed(images)               # evaluation: no masking, mean of patch tokens
 
 `images` are raw uint8/uint16 crops (B, H, W, C). Each crop is self-standardised per channel
-(instance norm, eps 1e-5) and the reconstruction target is the standardised image (method.md §2.1).
+(instance norm, eps 1e-5) and the reconstruction target is the standardised image (docs/method.md §2.1).
 The loss is (1 - a) masked MSE + a Fourier-magnitude L1, a = 0.01 (§2.2), averaged over the removed
 tokens only. `channel_agnostic=True` gives CA-MAE (§1.4): one shared 1-channel patch embedding,
 channel-major tokens, any channel count <= max_channels, every (channel, patch) token masked and
@@ -20,6 +20,11 @@ from mae_jax.models import vit
 from mae_jax.models.vit import constrain, param
 
 IN_EPS = 1e-5  # InstanceNorm2d default (biased variance)
+LAYERS = "layers"  # logical name of the stacked-layer axis of scanned blocks
+# lax.scan's unroll per block stack ("blocks", "decoder_blocks"), default 1. XLA's cost analysis
+# counts a loop body once; bench/compile_time.py unrolls 2 to measure one layer's FLOPs.
+SCAN_UNROLL = {}
+ACT = ("batch", "length", "act_embed")  # logical axes of the residual stream between blocks
 
 
 def standardize(images):
@@ -49,7 +54,7 @@ def reconstruction_loss(pred, target, mask, patch, fourier_weight):
   """(1 - a) MSE + a |FFT2| L1 per token, each a mean over the removed tokens.
 
   Tokens are (B, L, p*p*C) with channels fastest; the Fourier term is a 2-D FFT of every p x p
-  channel patch (the sensible reading of the official view-based code, method.md §2.2).
+  channel patch (the sensible reading of the official view-based code, docs/method.md §2.2).
   """
   mse = jnp.square(pred - target).mean(-1)
   b, l, f = pred.shape
@@ -67,7 +72,7 @@ class MAE(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, remat=False):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is part of the static graphdef
     self.cfg, self.dtype = cfg, dtype
-    self.remat = bool(remat)  # issue 4: recompute each block in the backward pass (see _block)
+    self.remat = bool(remat)  # recompute each block in the backward pass (see _block)
     p, d, dd = cfg.patch_size, cfg.width, cfg.decoder_width
     self.grid = cfg.image_size // p
     self.ca = bool(cfg.channel_agnostic)
@@ -78,15 +83,19 @@ class MAE(nnx.Module):
     self.cls_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, d), (None, None, "embed"))
     rates = np.linspace(0.0, cfg.drop_path, cfg.depth).tolist()
     self.drop_rates = tuple(rates)
-    self.blocks = nnx.List([vit.ParallelScalingBlock(d, cfg.num_heads, cfg.mlp_dim, cfg.layerscale_init,
-                                                     rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
+    # scan_layers: every block's parameters stacked on a leading "layers" axis, run by one
+    # lax.scan (MaxText's scan_layers, big_vision's Encoder(scan=True)): one block to compile.
+    # A config without the key (a run from before scanned layers) means per-layer blocks.
+    self.scan = bool(cfg.get("scan_layers", False))
+    self.blocks = self._stack(lambda r: vit.ParallelScalingBlock(
+        d, cfg.num_heads, cfg.mlp_dim, cfg.layerscale_init, rngs=r, dtype=dtype), cfg.depth, rngs)
     self.norm = vit.LayerNorm(d, rngs=rngs)
     self.decoder_embed, self.decoder_embed_bias = vit.linear(rngs, d, dd, ("embed", "mlp"))
     self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dd), (None, None, "mlp"))
     if self.ca:  # a learned modality token per channel tells the decoder which channel to paint
       self.channel_token = param(rngs, vit.zeros, (cfg.max_channels, dd), (None, "mlp"))
-    self.decoder_blocks = nnx.List([vit.Block(dd, cfg.decoder_heads, 4 * dd, rngs=rngs, dtype=dtype)
-                                    for _ in range(cfg.decoder_depth)])
+    self.decoder_blocks = self._stack(lambda r: vit.Block(dd, cfg.decoder_heads, 4 * dd, rngs=r,
+                                                          dtype=dtype), cfg.decoder_depth, rngs)
     self.decoder_norm = vit.LayerNorm(dd, rngs=rngs)
     out = p * p * in_ch
     self.decoder_pred, self.decoder_pred_bias = vit.linear(rngs, dd, out, ("mlp", None))
@@ -115,10 +124,12 @@ class MAE(nnx.Module):
     b = tokens.shape[0]
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.cfg.width))  # CLS position is zero
     x = constrain(jnp.concatenate([cls, tokens], axis=1), ("batch", "length", "act_embed"))
-    keys = jax.random.split(drop_key, len(self.blocks)) if drop_key is not None else [None] * len(self.blocks)
-    for i, blk in enumerate(self.blocks[:upto]):
-      x = self._block(blk, x, self.drop_rates[i], keys[i])
-    return x
+    if drop_key is None or not any(self.drop_rates):  # no stochastic depth: no per-layer inputs
+      return self._run("blocks", x, upto=upto)
+    keys = jax.random.split(drop_key, self.cfg.depth)
+    if self.scan:  # rates and keys are scanned inputs, one row per layer
+      return self._run("blocks", x, jnp.asarray(self.drop_rates, jnp.float32), keys, upto=upto)
+    return self._run("blocks", x, self.drop_rates, keys, upto=upto)
 
   def _decode(self, x, ids_restore, channels):
     dt = self.dtype
@@ -133,14 +144,51 @@ class MAE(nnx.Module):
       pos = np.tile(pos, (channels, 1)) + jnp.repeat(self.channel_token[...][:channels], grid * grid, 0)
     y = jnp.concatenate([x[:, :1], y], axis=1).astype(jnp.float32)
     y = y + jnp.concatenate([jnp.zeros((1, y.shape[-1])), pos])[None]
-    for blk in self.decoder_blocks:
-      y = self._block(blk, y)
+    y = self._run("decoder_blocks", y)
     y = self.decoder_norm(y).astype(dt)
     pred = y @ self.decoder_pred[...].astype(dt) + self.decoder_pred_bias[...].astype(dt)
     return pred[:, 1:].astype(jnp.float32)
 
+  def _stack(self, make, n, rngs):
+    """n blocks `make(rngs)`: an nnx.List, or with `scan` one block of stacked parameters.
+
+    nnx.vmap over split rngs gives each layer its own initialisation and prepends the logical
+    axis "layers" to every parameter's names (configs/common.py maps it to no mesh axis).
+    """
+    if not self.scan:
+      return nnx.List([make(rngs) for _ in range(n)])
+    create = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    return nnx.split_rngs(splits=n)(create)(rngs)
+
+  def _run(self, name, x, *per_layer, upto=None):
+    """x through the blocks `name` up to `upto`; `per_layer`: one entry per layer (rate, key)."""
+    blocks = getattr(self, name)
+    if not self.scan:
+      for i, blk in enumerate(list(blocks)[:upto]):
+        x = self._block(blk, x, *(a[i] for a in per_layer))
+      return x
+    if upto is not None:  # an intermediate block (embed): scan over the first `upto` layers only
+      graphdef, state = nnx.split(blocks)
+      blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[:upto], state))
+      per_layer = tuple(a[:upto] for a in per_layer)
+    # XLA cannot fuse a loop body's intermediate values away across the loop boundary as it does
+    # in an unrolled step, so without remat the scan keeps only the matmul outputs (dots_saveable:
+    # the backward recomputes LayerNorms, casts, softmax and GELU; same matmul FLOPs, half the
+    # memory of keeping everything: ViT-S/16 step, XLA:CPU). remat keeps nothing, as unrolled.
+    # prevent_cse=False: inside a scan CSE cannot undo the remat (jax.checkpoint's docs). The
+    # carry is constrained on the way in and out, as MaxText constrains every layer's input:
+    # without it the TPU compiler's sharding propagation through the loop replicated the batch
+    # under FSDP (ViT-L/8, remat, v5p-128: 1.2 TiB per device instead of tens of GiB).
+    policy = None if self.remat else jax.checkpoint_policies.dots_saveable
+    body = nnx.remat(lambda blk, y, *a: constrain(blk(constrain(y, ACT), *a), ACT), policy=policy,
+                     prevent_cse=False)
+    scan = nnx.scan(body, in_axes=(0, nnx.Carry) + (0,) * len(per_layer), out_axes=nnx.Carry,
+                    unroll=SCAN_UNROLL.get(name, 1),
+                    transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    return scan(blocks, x, *per_layer)
+
   def _block(self, blk, x, *args):
-    """blk(x, *args), rematerialised when `remat` (issue 4: activation memory of big models).
+    """blk(x, *args), rematerialised when `remat` (saves the activation memory of big models).
 
     Non-array arguments (the drop rate) are closed over so they stay static under jax.checkpoint.
     """
@@ -169,9 +217,10 @@ class MAE(nnx.Module):
     block=None (or the depth) uses the final block followed by the encoder's LayerNorm; an earlier
     block (1-based, as in "block 15 of 24") returns that block's raw tokens.
     """
-    upto = None if block in (None, len(self.blocks)) else int(block)
-    if upto is not None and not 1 <= upto <= len(self.blocks):
-      raise ValueError(f"block must be in 1..{len(self.blocks)}, got {block}")
+    depth = self.cfg.depth
+    upto = None if block in (None, depth) else int(block)
+    if upto is not None and not 1 <= upto <= depth:
+      raise ValueError(f"block must be in 1..{depth}, got {block}")
     tokens, _, _ = self._tokens(standardize(images))
     x = self._encode(tokens, upto=upto)
     if upto is None:
@@ -194,3 +243,29 @@ def build_model(model_cfg, *, seed=0, dtype=jnp.float32, remat=False) -> MAE:
 
 def compute_dtype(precision: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[precision]
+
+
+def relayout(tree, scan: bool):
+  """`tree` with every parameter-shaped dict in it (parameters, optimiser moments) converted to
+  stacked blocks (`scan`) or per-layer blocks: {"blocks": {0: {...}, 1: {...}}} <->
+  {"blocks": {... each with a leading layer axis}}, and the same for "decoder_blocks".
+
+  Exact both ways (a stack, an index), so a run resumes in the other layout with its Lion or AdamW
+  moments intact: elementwise optimisers treat a stacked tensor as its layers side by side.
+  """
+  def convert(node):
+    if not (isinstance(node, dict) and "blocks" in node):
+      return node
+    node = dict(node)
+    for name in ("blocks", "decoder_blocks"):
+      layers = node[name]
+      per_layer = all(str(k).isdigit() for k in layers)
+      if scan and per_layer:
+        node[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[k] for k in
+                                                              sorted(layers, key=int)))
+      elif not scan and not per_layer:
+        depth = jax.tree.leaves(layers)[0].shape[0]
+        node[name] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(depth)}
+    return node
+
+  return jax.tree.map(convert, tree, is_leaf=lambda t: isinstance(t, dict) and "blocks" in t)

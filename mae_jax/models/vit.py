@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd
 
-LN_EPS = 1e-6  # every LayerNorm of the official model, including qk-norm (method.md §8.2)
+LN_EPS = 1e-6  # every LayerNorm of the official model, including qk-norm (docs/method.md §1.3)
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
@@ -33,7 +33,7 @@ def sincos_2d(width: int, grid: int, cls: bool = True) -> np.ndarray:
   """Fixed 2-D sin-cos table (grid*grid [+1 zero CLS row], width), 'ij' grid flattened row-major.
 
   Each quarter of the width is [sin(h w), cos(h w), sin(w w), cos(w w)] with frequencies
-  w_i = 10000^(-i / (width/4)) (method.md §1.4).
+  w_i = 10000^(-i / (width/4)) (docs/method.md §1.4).
   """
   assert width % 4 == 0, width
   omega = 10000.0 ** (-np.arange(width // 4) / (width // 4))
@@ -60,8 +60,12 @@ class LayerNorm(nnx.Module):
 
 
 def drop_path(x, rate, key):
-  """Stochastic depth: drops the whole residual branch of a sample with probability `rate`."""
-  if key is None or rate == 0.0:
+  """Stochastic depth: drops the whole residual branch of a sample with probability `rate`.
+
+  `rate` is a Python float (per-layer blocks) or a traced scalar (scanned layers: one rate per
+  layer); a traced 0 keeps every sample, so the result is the same either way.
+  """
+  if key is None or (isinstance(rate, float) and rate == 0.0):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
@@ -71,7 +75,7 @@ def attention(q, k, v):
   """softmax(q k^T / sqrt(d)) v over (B, N, H, hd) heads, stats in float32."""
   if jax.default_backend() == "gpu":  # cuDNN flash attention where it applies
     return jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
-  # Issue 4 (train-step throughput): divide by the softmax sums AFTER the AV product, i.e. on
+  # Train-step throughput: divide by the softmax sums AFTER the AV product, i.e. on
   # (B, N, H, hd) instead of (B, H, N, N). Same math; on XLA:CPU it takes ~38 % off attention's
   # forward + backward (ViT-S/16 MAE step: 0.55 -> 0.59 of the matmul yardstick).
   scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
@@ -83,7 +87,7 @@ def attention(q, k, v):
 
 
 class ParallelScalingBlock(nnx.Module):
-  """timm ParallelScalingBlock as trained by Kraus et al. (method.md §1.3).
+  """timm ParallelScalingBlock as trained by Kraus et al. (docs/method.md §1.3).
 
   One fused input projection W_in (d, h + 3d) feeds the MLP and attention in parallel; its output
   is split [mlp_in (h) | q (d) | k (d) | v (d)]. With qkv_bias=False timm's fused bias is
@@ -169,3 +173,13 @@ def patchify(x, p):
   b, h, w, c = x.shape
   x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, p, h, w=None):
+  """The inverse of patchify: (B, (H/p)(W/p), p*p*C) -> (B, H, W, C), W = H unless given.
+
+  Only reshapes, so numpy arrays stay numpy (the demo's figures use it outside jax)."""
+  w = h if w is None else w
+  b, _, d = x.shape
+  x = x.reshape(b, h // p, w // p, p, p, d // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, d // (p * p))

@@ -8,7 +8,7 @@
 
     model, config = load_for_eval("WORKDIR")       # or WORKDIR/checkpoints or a step folder
 
-Layout (contracts.md): `checkpoints/<step>/{state/, data/process_<i>-of-<n>.json}`. A restore
+Layout (docs/contracts.md §3): `checkpoints/<step>/{state/, data/process_<i>-of-<n>.json}`. A restore
 takes an abstract target carrying the NEW mesh's shardings, so a run can resume on another mesh
 or device count. The data item needs the same process count (grain keeps one file per process).
 This file is the only place that knows Orbax's V0 API, so moving to `ocp.v1` touches nothing else.
@@ -25,15 +25,16 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax.models import mae
+from mae_jax.models import mae, registry
 
 from mae_jax.train import sharding
+from mae_jax.util.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint path or config that cannot be used (a user mistake: one line)."""
 
 
@@ -82,6 +83,10 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], (restored["data"] if data_iter is not None else None)
+
+  def stacked_layers(self, step: int) -> bool | None:
+    """Whether the checkpoint of `step` stores stacked blocks (model.scan_layers) or per-layer."""
+    return stacked_layers(self.directory / str(step) / "state")
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any process got a preemption notice."""
@@ -139,6 +144,22 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+def stacked_layers(state_dir) -> bool | None:
+  """Whether a saved train state (a step's state/ folder) has stacked blocks, read from Orbax's
+  tree metadata: per-layer blocks are saved as {"blocks": {"0": ..., "1": ...}}. None for a
+  model without transformer blocks (MU-Net).
+
+  The checkpoint itself says, not config.json: a run converted on resume keeps its older,
+  per-layer steps beside the newer stacked ones.
+  """
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(epath.Path(state_dir))
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  blocks = tree["model"].get("blocks")
+  return None if blocks is None else not all(str(k).isdigit() for k in blocks)
+
+
 def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = None, dtype=None):
   """(MAE with restored parameters, run config) from a WORKDIR, checkpoints/ or a step folder.
 
@@ -148,11 +169,14 @@ def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = Non
   """
   workdir, step_dir = resolve(ckpt_path, step)
   config = read_config(workdir)
+  stacked = stacked_layers(step_dir / "state")
+  if stacked is not None:
+    config.model.scan_layers = stacked  # this step's layout, whatever config.json says now
   rules = sharding.normalize_rules(config.sharding_rules)
   mesh = mesh or Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
   dtype = dtype or mae.compute_dtype(config.get("precision", "float32"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(lambda: mae.build_model(config.model, seed=0, dtype=dtype))
+    abstract = nnx.eval_shape(lambda: registry.build_model(config.model, seed=0, dtype=dtype))
   graphdef, abstract_state = nnx.split(abstract)
   replicated = NamedSharding(mesh, P())
   target = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,

@@ -9,6 +9,7 @@ preemption, NaN guard). The train step (`step.py`) is a pure function of (state,
 the loop owns every side effect.
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -16,12 +17,13 @@ import signal
 import time
 
 import jax
-import numpy as np
 from etils import epath
 
-from mae_jax.models import flops
+from mae_jax.models import flops, mae
 from mae_jax.train import ConfigError, batches, checkpointing, metrics, sharding
-from mae_jax.train.step import build_state, check_batch, jit_train_step, mesh_context
+from mae_jax.train.step import (build_state, check_batch, jit_train_step, lower_train_step,
+                                 mesh_context)
+from mae_jax.util import files
 
 
 def write_config(config, workdir: epath.Path, resuming: bool, mesh=None):
@@ -32,18 +34,21 @@ def write_config(config, workdir: epath.Path, resuming: bool, mesh=None):
     resolved["mesh"] = {axis: int(mesh.shape[axis]) for axis in sharding.MESH_AXES}
   if resuming and path.exists():
     old = json.loads(path.read_text())
-    if old.get("model") != resolved["model"]:
-      diff = sorted(k for k in set(old.get("model", {})) | set(resolved["model"])
-                    if old.get("model", {}).get(k) != resolved["model"].get(k))
+    # scan_layers is how the blocks are stored, not what they compute: the restore converts
+    # (_restore). A config.json from before scanned layers lacks it: those runs were unrolled.
+    old_model = {"scan_layers": False, **old.get("model", {})}
+    diff = sorted(k for k in set(old_model) | set(resolved["model"])
+                  if k != "scan_layers" and old_model.get(k) != resolved["model"].get(k))
+    if diff:
       raise ConfigError(f"{path}: the checkpoints in {workdir} were trained with other model "
                         f"settings ({', '.join('model.' + k for k in diff)}); use a new workdir")
-    changed = sorted(k for k in resolved if old.get(k) != resolved[k])
+    changed = sorted(k for k in resolved if k != "model" and old.get(k) != resolved[k])
+    changed += ["model.scan_layers"] * (old_model["scan_layers"] != resolved["model"].get(
+        "scan_layers", False))
     if changed:
       logging.warning("resuming with changed config keys: %s", ", ".join(changed))
   if metrics.is_primary():
-    tmp = workdir / (checkpointing.CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    files.write(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
 class _SigtermFlag:
@@ -108,8 +113,10 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
       graphdef, tx, abstract, init = build_state(config, mesh)
       shardings = jax.tree.map(lambda a: a.sharding, abstract)
       if latest is not None:
-        state, restored = ckpt.restore(latest, abstract,
-                                       data.iterator if data.restores_iterator else None)
+        if data.restores_iterator:
+          _check_data_processes(ckpt, latest)
+        state, restored = _restore(ckpt, latest, config, mesh, abstract,
+                                   data.iterator if data.restores_iterator else None)
         data.resume(latest, restored)
         metrics.print_primary(f"restored step {latest} from {ckpt.directory}")
       else:
@@ -130,6 +137,40 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
     if data is not None:
       data.close()
     ckpt.close()  # waits for background saves; their errors propagate from here
+
+
+def _check_data_processes(ckpt, step: int):
+  """Refuses, in one line, a resume whose process count differs from the saving run's: grain
+  keeps one iterator file per process and would fail deep inside Orbax with a traceback."""
+  folder = ckpt.directory / str(step) / "data"
+  count = jax.process_count()
+  if (folder / f"process_{jax.process_index()}-of-{count}.json").exists():
+    return
+  saved = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
+  counts = {name.rsplit("-of-", 1)[1].removesuffix(".json") for name in saved}
+  by = f"{counts.pop()} processes" if len(counts) == 1 else "another process count"
+  raise ConfigError(f"{folder}: the data iterator of step {step} was saved by {by} "
+                    f"({', '.join(saved) or 'no iterator files'}); this run has {count}: resume "
+                    f"with that process count (the device count may change) or use a new workdir")
+
+
+def _restore(ckpt, step: int, config, mesh, abstract, data_iter):
+  """ckpt.restore onto `abstract`; a checkpoint whose blocks are stored the other way (stacked
+  for scan_layers, or per layer as before scanned layers) is restored as it is, then converted
+  (parameters and optimiser moments) and placed with the new shardings.
+  """
+  stacked = ckpt.stacked_layers(step)  # None: a model without transformer blocks
+  if stacked is None or stacked == bool(config.model.get("scan_layers", False)):
+    return ckpt.restore(step, abstract, data_iter)
+  saved = config.copy_and_resolve_references()
+  saved.model.scan_layers = stacked
+  state, data = ckpt.restore(step, build_state(saved, mesh)[2], data_iter)
+  convert = functools.partial(mae.relayout, scan=not stacked)  # no donation: shapes change
+  state = jax.jit(convert, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(state)
+  metrics.print_primary(f"converted the checkpoint of step {step} from "
+                        f"{'stacked' if stacked else 'per-layer'} blocks to the config's "
+                        f"model.scan_layers={not stacked}")
+  return state, data
 
 
 @dataclasses.dataclass
@@ -205,19 +246,10 @@ def dry_run(config, *, compile_step: bool = False) -> dict:
   Nothing of the model is allocated; prints per-device parameter and optimiser memory.
   """
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.normalize_rules(config.sharding_rules)
   metrics.print_primary(describe(config, mesh))
   t0 = time.perf_counter()
   graphdef, tx, abstract, _ = build_state(config, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  m = config.model
-  images = jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.channels),
-                                np.dtype(config.data.dtype),
-                                sharding=sharding.batch_sharding(mesh, rules))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  with mesh_context(mesh, rules):
-    lowered = jit_train_step(graphdef, tx, config, mesh, shardings).lower(abstract, images, key)
+  lowered = lower_train_step(graphdef, tx, config, mesh, abstract)
   lower_s = time.perf_counter() - t0
   count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
   result = dict(

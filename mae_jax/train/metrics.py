@@ -5,6 +5,7 @@ import jax
 from etils import epath
 
 from mae_jax.train import ConfigError
+from mae_jax.util import files
 
 
 def is_primary():
@@ -40,9 +41,7 @@ class MetricsLog:
       raise ConfigError(f"TensorBoard cannot write to {workdir / 'tb'}: {e}") from None
 
   def _rewrite(self):
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in self.lines))
-    tmp.replace(self.path)
+    files.write(self.path, "".join(l + "\n" for l in self.lines))
 
   def last_loss(self):
     return json.loads(self.lines[-1])["loss"] if self.lines else None

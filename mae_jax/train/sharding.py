@@ -1,8 +1,9 @@
 """Device mesh and shardings from the config: one rules table maps logical names to mesh axes.
 
     mesh = make_mesh(config.mesh)                       # ("data", "fsdp", "tensor"), Auto axes
-    shardings = state_shardings(abstract_state, mesh, config.sharding_rules)
-    batch = batch_sharding(mesh, config.sharding_rules)  # leading axis over data x fsdp
+    rules = normalize_rules(config.sharding_rules)      # logical name -> mesh axes
+    batch = batch_sharding(mesh, rules)                 # leading axis over data x fsdp
+    target = with_shardings(abstract_state, shardings)  # for Orbax restore / AOT lowering
 
 The model only names its axes (`configs/common.py: SHARDING_RULES`); everything mesh-specific
 lives here, so the same model runs data-parallel, FSDP or tensor-parallel by changing `mesh.*`.
@@ -15,10 +16,12 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mae_jax.util.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """A mesh shape that does not fit the devices (a user mistake: one line, no traceback)."""
 
 
@@ -62,12 +65,6 @@ def logical_to_mesh(names, rules) -> P:
   """A PartitionSpec of mesh axes for a tuple of logical names, through the rules table."""
   with nnx.logical_axis_rules(rules):
     return spmd.apply_rules(tuple(names), spmd.get_logical_axis_rules())
-
-
-def state_shardings(abstract_state, mesh: Mesh, rules):
-  """NamedShardings (on `mesh`) of an abstract NNX state whose Variables carry logical names."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    return nnx.get_named_sharding(abstract_state, mesh)
 
 
 def with_shardings(abstract_state, shardings):

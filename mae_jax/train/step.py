@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mae_jax.models import mae
+from mae_jax.models import mae, registry
 from mae_jax.train import ConfigError, optim, sharding
 
 
@@ -40,7 +40,8 @@ def build_state(config, mesh):
   rules = sharding.normalize_rules(config.sharding_rules)
   dtype = mae.compute_dtype(config.precision)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
-  build = lambda: mae.build_model(config.model, seed=config.seed, dtype=dtype, remat=config.remat)
+  build = lambda: registry.build_model(config.model, seed=config.seed, dtype=dtype,
+                                       remat=config.remat)
 
   def create():
     params = nnx.state(build(), nnx.Param).to_pure_dict()
@@ -115,6 +116,21 @@ def jit_train_step(graphdef, tx, config, mesh, state_shardings):
   repl = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sh, repl),
                  out_shardings=(state_shardings, repl), donate_argnums=0)
+
+
+def lower_train_step(graphdef, tx, config, mesh, abstract):
+  """The jitted train step lowered over the sharded abstract state and an abstract batch and
+  key: allocates nothing (dry runs, compiles for a TPU topology without the hardware)."""
+  rules = sharding.normalize_rules(config.sharding_rules)
+  m = config.model
+  images = jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.channels),
+                                jnp.dtype(config.data.dtype),
+                                sharding=sharding.batch_sharding(mesh, rules))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  with mesh_context(mesh, rules):
+    return jit_train_step(graphdef, tx, config, mesh, shardings).lower(abstract, images, key)
 
 
 def check_batch(config, mesh):

@@ -1,36 +1,49 @@
-"""One way to run an absl command: user mistakes end in ONE line on stderr, never a traceback.
+"""One way to run a command: a user mistake ends in ONE line on stderr, a bug in a traceback.
 
     if __name__ == "__main__":
-      cli.run(main)
+      cli.run(main)                    # absl flags, ml_collections --config.KEY overrides
+      cli.run(main, absl_flags=False)  # main(argv) parses argv with cli.ArgumentParser
 
-Flag-parsing errors (unknown flags, a config file that does not exist, a typo in a
-`--config.key=value` override, a value of the wrong type) and the errors listed in `USER_ERRORS`
-raised by `main` print `error: <one line>` and exit 2 / 1. Anything else is a bug and keeps its
-traceback.
+A flag that does not parse, a UserError (the base of every project error type, see errors.py)
+or an OSError (a path that is missing, unreadable or full) prints `<command>: error: <one
+line>` on stderr and exits with USAGE (2); <command> is the module that `python -m` ran, e.g.
+`mae_jax.main`, `eval.recall`, `data_prep.convert`. Anything else is a bug: its traceback stays.
 """
+import argparse
+import logging
+import os
 import re
 import sys
 
-from absl import app, flags
+from mae_jax.util.errors import UserError  # commands raise it as cli.UserError
+
+USAGE = 2  # the exit status of every user mistake
+# What `main` may raise for a user mistake; flag-parsing errors are added where flags are parsed.
+USER_ERRORS = (UserError, OSError)
+_HELP = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "--helpxml",
+         "-helpxml", "-h", "-?", "--?")
 
 
-class UserError(Exception):
-  """A mistake of the user (bad input, missing file): its message is the one line shown."""
+class UsageError(UserError):
+  """A command line that does not parse (cli.ArgumentParser raises it)."""
 
 
-def _user_errors():
-  # Imported lazily so that a command pays only for the modules it uses.
-  errors = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
-  for module, name in (("mae_jax.data.records", "RecordError"), ("mae_jax.data.input_pipeline", "InputError"),
-                       ("mae_jax.data.resources", "ResourceError")):
-    mod = sys.modules.get(module)
-    if mod is not None and hasattr(mod, name):
-      errors.append(getattr(mod, name))
-  return tuple(errors)
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for cli.run: a mistake raises UsageError (one line) instead of printing usage."""
+
+  def __init__(self, *args, **kwargs):
+    if not args and "prog" not in kwargs and _main_module():
+      kwargs["prog"] = f"python -m {_main_module()}"
+    super().__init__(*args, **kwargs)
+
+  def error(self, message):
+    raise UsageError(f"{message} (see --help)")
 
 
 def one_line(exc: BaseException) -> str:
   """Squeezes an exception message (absl and ml_collections write several lines) into one."""
+  if isinstance(exc, OSError) and exc.filename and exc.strerror:
+    return f"{exc.filename}: {exc.strerror}"  # not "[Errno 2] No such file or directory: 'x'"
   text = str(exc).strip()
   if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # KeyError-style repr
     text = text[1:-1].replace("\\n", "\n").replace("\\'", "'")
@@ -45,25 +58,76 @@ def one_line(exc: BaseException) -> str:
   return " ".join(parts) or type(exc).__name__
 
 
-def fail(message: str, code: int = 1):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
+def _main_module() -> str | None:
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  return spec.name.removesuffix(".__main__") if spec and spec.name else None
 
 
-def run(main):
-  """absl `app.run(main)` with one-line errors for everything the user can get wrong."""
+def command_name(main) -> str:
+  """The module `python -m` ran (`mae_jax.demo` for mae_jax/demo/__main__.py)."""
+  module = getattr(main, "__module__", None)
+  if module in (None, "__main__"):
+    module = _main_module() or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  return module.removesuffix(".__main__")
+
+
+def _unknown_config_key(exc) -> str:
+  text = one_line(exc)
+  if text.startswith("unknown config key"):  # one_line found ml_collections' "Did you mean"
+    return text
+  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)  # a key below a leaf
+  key = lookup.group(1) if lookup else text.strip("'\"")
+  return f"unknown config key {key!r}"
+
+
+def _fail(command: str, message: str):
+  print(f"{command}: error: {message}", file=sys.stderr)
+  sys.exit(USAGE)
+
+
+class _QuietOrbax(logging.Filter):
+  """Orbax logs every save and restore phase at INFO; keep its warnings (and all of it at -v 1)."""
+
+  def filter(self, record):
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    return (record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+            or absl_logging.get_verbosity() > 0)
+
+
+def run(main, argv=None, *, absl_flags: bool = True):
+  """Runs `main` as the command line `argv` (default: sys.argv[1:]) and exits with its status.
+
+  absl_flags: the absl flags are parsed ONCE, here (a second parse, as `app.run(main)` does,
+  re-defines every `--config.KEY` override flag and fails with "defined twice": overrides are
+  not idempotent), then `main(remaining argv)` runs under app.run. Otherwise `main(argv)` parses
+  argv itself, with cli.ArgumentParser. main's return value is the exit status (None: 0).
+  """
+  command = command_name(main)
+  args = list(sys.argv[1:] if argv is None else argv)
+  if not absl_flags:
+    try:
+      status = main(args)
+    except USER_ERRORS as e:
+      _fail(command, one_line(e))
+    sys.exit(status)
+
+  # pylint: disable-next=g-import-not-at-top
+  from absl import app, flags, logging as absl_logging
   app.define_help_flags()
   try:
-    remaining = flags.FLAGS(sys.argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    fail(one_line(e), 2)
+    remaining = flags.FLAGS([sys.argv[0], *args])
+  except SystemExit as e:  # absl ends --help and its kin with status 1 after printing the usage
+    sys.exit(0 if e.code == 1 and any(a.split("=")[0] in _HELP for a in args) else e.code)
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY that does not exist
+    _fail(command, _unknown_config_key(e))
+  except (flags.Error, TypeError, ValueError, OSError) as e:  # OSError: a config file
+    _fail(command, one_line(e))
+  absl_logging.get_absl_handler().addFilter(_QuietOrbax())
 
-  def guarded(argv):
+  def guarded(remaining):
     try:
-      return main(argv)
-    except app.UsageError as e:
-      fail(one_line(e), 2)
-    except _user_errors() + (OSError,) as e:  # OSError: also a config file that failed to load
-      fail(one_line(e))
+      return main(remaining)
+    except (app.UsageError, *USER_ERRORS) as e:
+      _fail(command, one_line(e))
 
-  app.run(guarded, flags_parser=lambda _: remaining)  # parse once: config overrides are not idempotent
+  app.run(guarded, flags_parser=lambda _: remaining)
