@@ -110,8 +110,8 @@ def get_config(variant="S/16", **overrides):
 
 def get_small_config(name, *, image_size, depth, decoder_width, drop_path, lr, **overrides):
   """A small ViT MAE for 2 CPU cores (tests, the demo): width 64, 2 heads, patch 8, a one-block
-  decoder, AdamW, no data workers. Blocks stay unrolled: scanning a few small blocks saves no
-  compile time and ran 2-4 % slower on 2 CPU cores."""
+  decoder, AdamW, no data workers. Blocks stay per layer: scanning a few small blocks saves no
+  compile time and no step time beyond noise on 2 CPU cores (configs/demo.py)."""
   c = get_config("S/16", name=name, **overrides)
   c.model.update(image_size=image_size, patch_size=8, width=64, depth=depth, num_heads=2,
                  mlp_dim=256, drop_path=drop_path, decoder_width=decoder_width, decoder_depth=1,
