@@ -80,9 +80,25 @@ class Checkpointer:
     """
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
+      self._check_data_processes(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], (restored["data"] if data_iter is not None else None)
+
+  def _check_data_processes(self, step: int):
+    """Refuses, in one line, a resume whose process count differs from the saving run's: grain
+    keeps one iterator file per process and would fail deep inside Orbax with a traceback."""
+    folder = self.directory / str(step) / "data"
+    count = jax.process_count()
+    if (folder / f"process_{jax.process_index()}-of-{count}.json").exists():
+      return
+    saved = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
+    counts = {name.rsplit("-of-", 1)[1].removesuffix(".json") for name in saved}
+    by = f"{counts.pop()} processes" if len(counts) == 1 else "another process count"
+    raise CheckpointError(f"{folder}: the data iterator of step {step} was saved by {by} "
+                          f"({', '.join(saved) or 'no iterator files'}); this run has {count}: "
+                          f"resume with that process count (the device count may change) or "
+                          f"use a new workdir")
 
   def stacked_layers(self, step: int) -> bool | None:
     """Whether the checkpoint of `step` stores stacked blocks (model.scan_layers) or per-layer."""

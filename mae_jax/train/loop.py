@@ -113,8 +113,6 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
       graphdef, tx, abstract, init = build_state(config, mesh)
       shardings = jax.tree.map(lambda a: a.sharding, abstract)
       if latest is not None:
-        if data.restores_iterator:
-          _check_data_processes(ckpt, latest)
         state, restored = _restore(ckpt, latest, config, mesh, abstract,
                                    data.iterator if data.restores_iterator else None)
         data.resume(latest, restored)
@@ -137,21 +135,6 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
     if data is not None:
       data.close()
     ckpt.close()  # waits for background saves; their errors propagate from here
-
-
-def _check_data_processes(ckpt, step: int):
-  """Refuses, in one line, a resume whose process count differs from the saving run's: grain
-  keeps one iterator file per process and would fail deep inside Orbax with a traceback."""
-  folder = ckpt.directory / str(step) / "data"
-  count = jax.process_count()
-  if (folder / f"process_{jax.process_index()}-of-{count}.json").exists():
-    return
-  saved = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
-  counts = {name.rsplit("-of-", 1)[1].removesuffix(".json") for name in saved}
-  by = f"{counts.pop()} processes" if len(counts) == 1 else "another process count"
-  raise ConfigError(f"{folder}: the data iterator of step {step} was saved by {by} "
-                    f"({', '.join(saved) or 'no iterator files'}); this run has {count}: resume "
-                    f"with that process count (the device count may change) or use a new workdir")
 
 
 def _restore(ckpt, step: int, config, mesh, abstract, data_iter):
