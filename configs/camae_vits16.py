@@ -1,4 +1,4 @@
-"""Channel-agnostic MAE (CA-MAE) ViT-S/16, the OpenPhenom family (docs/method.md §1.4-1.5)."""
+"""Channel-agnostic MAE (CA-MAE) ViT-S/16, the OpenPhenom family (docs/science.md §1.4-1.5)."""
 from configs import common
 
 

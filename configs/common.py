@@ -1,4 +1,4 @@
-"""Shared defaults of every mae_jax config: the paper's recipe (docs/method.md §1-2) in one place.
+"""Shared defaults of every mae_jax config: the paper's recipe (docs/science.md §1-2) in one place.
 
 A model file is one call, e.g. `configs/vitl8.py`: `return common.get_config("L/8")`.
 Override anything from the command line: `--config.batch_size=256 --config.mesh.fsdp=8`.
@@ -7,7 +7,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # name -> (width, depth, heads, mlp_dim, drop_path, lr). Widths/depths/heads from the official
-# maes_microscopy constructors (docs/method.md §1.2); lr 1e-4 up to B and 3e-5 for L/G (§2.3).
+# maes_microscopy constructors (docs/science.md §1.2); lr 1e-4 up to B and 3e-5 for L/G (§2.3).
 VARIANTS = {
     "S": (384, 12, 6, 1536, 0.1, 1e-4),
     "B": (768, 12, 12, 3072, 0.1, 1e-4),
@@ -70,7 +70,7 @@ def get_config(variant="S/16", **overrides):
       decoder_depth=8,
       decoder_heads=16,
       fourier_weight=0.01,  # alpha of L = (1 - alpha) MSE + alpha Fourier-magnitude L1
-      channel_agnostic=False,  # CA-MAE (docs/method.md §1.4): shared 1-channel patch embedding
+      channel_agnostic=False,  # CA-MAE (docs/science.md §1.4): shared 1-channel patch embedding
       max_channels=11,  # CA-MAE positional table covers this many channels
       # Encoder and decoder blocks stacked and run by one lax.scan each: the step compiles one
       # block instead of depth of them (README: "Checkpoints from before scanned layers").
@@ -87,7 +87,7 @@ def get_config(variant="S/16", **overrides):
       div_factor=25.0,
       final_div_factor=1e4,
       grad_clip_norm=1.0,  # 0 disables clipping
-      cycle_momentum=False,  # PyTorch OneCycle also cycles Lion beta1 0.95 -> 0.85 -> 0.95 (docs/method.md §2.3)
+      cycle_momentum=False,  # PyTorch OneCycle also cycles Lion beta1 0.95 -> 0.85 -> 0.95 (docs/science.md §2.3)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -122,7 +122,7 @@ def get_small_config(name, *, image_size, depth, decoder_width, drop_path, lr, *
 
 
 # MU-Net size -> base width (channels of the first level; each level doubles them). 4 levels and a
-# bottleneck as in the original U-Net (Ronneberger et al. 2015); docs/method.md §1.9.
+# bottleneck as in the original U-Net (Ronneberger et al. 2015); docs/science.md §1.9.
 MUNET_WIDTHS = {"M": 64, "L": 128}
 
 

@@ -1,6 +1,6 @@
 """The demo's MAE recipe: a small ViT sized for minutes of CPU (`python -m mae_jax.demo`).
 
-Why these numbers (measured on the 2-core machine, default synthetic screen; docs/method.md §6):
+Why these numbers (measured on the 2-core machine, default synthetic screen; docs/science.md §6):
   * Patch 8 on 64² crops. With patch 16 on 128² crops the content of a removed patch is almost
     unpredictable from its neighbours (predicting each removed patch by the mean of the visible
     neighbouring patches: MSE 0.936 against 0.939 for the crop mean), so the loss gives little
@@ -12,7 +12,7 @@ Why these numbers (measured on the 2-core machine, default synthetic screen; doc
   * Width 64, depth 4: embedding the 64 tiles of every 512² site costs the encoder FLOPs of the
     whole screen once per evaluated checkpoint, about 2 GFLOP per site here (128 wide: 7.5);
     64 dimensions also stay well below the control wells per experiment that TVN whitens on
-    (docs/method.md §6). A one-block decoder of the same width keeps the step cheap.
+    (docs/science.md §6). A one-block decoder of the same width keeps the step cheap.
   * Per-layer blocks (get_small_config: scan_layers=False), the layout the README's results were
     trained with: scanning the 4 small blocks changed the step by less than this shared
     machine's noise (scanned 0.075 s, per-layer 0.077 s, best of 60 interleaved steps) and the

@@ -1,4 +1,4 @@
-"""MU-Net-M: the U-Net masked autoencoder of Kraus et al. (docs/method.md §1.9)."""
+"""MU-Net-M: the U-Net masked autoencoder of Kraus et al. (docs/science.md §1.9)."""
 from configs import common
 
 

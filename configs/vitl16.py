@@ -1,4 +1,4 @@
-"""ViT-L/16 MAE on 256x256x6 crops (docs/method.md §1.2)."""
+"""ViT-L/16 MAE on 256x256x6 crops (docs/science.md §1.2)."""
 from configs import common
 
 

@@ -2,7 +2,7 @@
 
     python -m data_prep.build_arm_table --out=mae_jax/data/gene_arms_hg38.tsv.gz
 
-The rule is proxbias' `chromosome_info._load_genes` (docs/method.md §3.5): chr1-22, X, Y; per symbol
+The rule is proxbias' `chromosome_info._load_genes` (docs/science.md §3.5): chr1-22, X, Y; per symbol
 start = min txStart, end = max txEnd; drop symbols on several chromosomes and symbols matching
 the regex ``^LOC*`` (which, as upstream, also drops every symbol starting with "LO"); the arm is q
 when the gene ends past the centromere midpoint. Source tables: UCSC hg38 ncbiRefSeq and

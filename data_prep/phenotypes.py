@@ -1,6 +1,6 @@
 """Genes, modules and latent phenotypes of the synthetic screen, and its ground truth.
 
-Biology model (docs/method.md §3.5, §4.1; docs/data_layouts.md §6): signal planted on the real
+Biology model (docs/science.md §3.5, §4.1; docs/data_layouts.md §6): signal planted on the real
 gene-pair graph and real chromosome arms, so recall and arm correction have something to find:
 
 * Genes are real symbols from the union of the five benchmark sources, with a real hg38 arm.

@@ -9,7 +9,7 @@ phenotypes.npz, wells.csv and screen.json.
 
 Design: every experiment holds every guide of every gene once, spread at random over its plates,
 plus --controls_per_plate EMPTY_control wells per plate (TVN fits on them, and needs more control
-wells per experiment than embedding dimensions, docs/method.md §6). Batch effects are per experiment
+wells per experiment than embedding dimensions, docs/science.md §6). Batch effects are per experiment
 and per plate (per-channel gain and background, illumination falloff, defocus, noise level), with
 a gradient across the plate and a little per-well jitter. The biology is in phenotypes.py and the
 pixels in render.py.

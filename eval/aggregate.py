@@ -1,4 +1,4 @@
-"""Wells -> perturbations (docs/method.md §3.3, the RxRx3-core convention).
+"""Wells -> perturbations (docs/science.md §3.3, the RxRx3-core convention).
 
 perturbation = treatment without its "_guide_k" suffix unless the name contains "_control";
 compounds are aggregated per (perturbation_type, perturbation, concentration) and labelled

@@ -1,6 +1,6 @@
 """Map benchmarks: known-relationship recall (EFAAR v1.0) and replicate consistency.
 
-Recall follows EFAAR v1.0 (docs/method.md §4.1): the null is the cosine similarity of every unordered
+Recall follows EFAAR v1.0 (docs/science.md §4.1): the null is the cosine similarity of every unordered
 pair of distinct perturbations, a query pair is in a tail when r_right <= lo or r_left >= hi with
 r_left/right = searchsorted(sorted null, q, side) / |null|.
 
@@ -398,7 +398,7 @@ def _group_by_window(tiles, query_sets):
 # ------------------------------------------------------------------------ replicate consistency
 
 def replicate_consistency(embeddings, perturbations, negative_controls, alpha=0.05) -> dict:
-  """EFAAR v1.0 consistency (docs/method.md §4.2): per perturbation, the mean pairwise cosine among
+  """EFAAR v1.0 consistency (docs/science.md §4.2): per perturbation, the mean pairwise cosine among
   its replicates (>= 2); p = 1 - searchsorted(null, x, 'left') / |null| against the same
   statistic of the negative-control perturbations; reports the fraction with p <= alpha.
 

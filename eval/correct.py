@@ -1,11 +1,11 @@
 """Batch correction on control wells (TVN, CORAL, PCA-CenterScale) and chromosome-arm centring.
 
-TVN follows EFAAR `tvn_on_controls` (docs/method.md §3.4); PCA-CenterScale follows the OpenPhenom
+TVN follows EFAAR `tvn_on_controls` (docs/science.md §3.4); PCA-CenterScale follows the OpenPhenom
 card; arm centring follows proxbias `arm_centering` (§3.5). Heavy algebra (covariances, eigh,
 projections) runs in JAX in float32; per-batch work is padded to a few row buckets so it compiles
 a handful of times, not once per batch.
 
-Guard (docs/method.md §6): whitening with about as many control wells as dimensions amplifies noise
+Guard (docs/science.md §6): whitening with about as many control wells as dimensions amplifies noise
 directions, so the PCA keeps at most n_controls / `min_controls_per_dim` components (and none
 whose control variance is numerically zero), with a warning on stderr when that cuts anything.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from eval import EvalError
 
-MIN_CONTROLS_PER_DIM = 2.0  # docs/method.md §6: 1.25 controls per dim failed, 2.5 worked
+MIN_CONTROLS_PER_DIM = 2.0  # docs/science.md §6: 1.25 controls per dim failed, 2.5 worked
 CORAL_REG = 0.5             # EFAAR adds 0.5 * I to every batch covariance
 UNEXPRESSED_ZFPKM = -3.0    # proxbias: genes with zFPKM < -3 are "not expressed"
 MIN_ARM_GENES = 20          # an arm needs strictly more basis genes than this
@@ -78,7 +78,7 @@ def standardize(x, fit_rows):
 
 
 def pca_components(x_fit, min_controls_per_dim=MIN_CONTROLS_PER_DIM, what="controls"):
-  """(mean, components (D, k)) of a PCA fitted on x_fit, k capped by the guard (docs/method.md §6)."""
+  """(mean, components (D, k)) of a PCA fitted on x_fit, k capped by the guard (docs/science.md §6)."""
   n, d = x_fit.shape
   mean, _, ss = moments(x_fit)
   evals, evecs = jnp.linalg.eigh(jnp.asarray(ss, jnp.float32))
@@ -186,7 +186,7 @@ def arm_correct(labels, x, arms: dict, expression: dict | None = None,
   """Subtract from every gene on an arm the mean of that arm's basis genes.
 
   Basis: genes with zFPKM < threshold when `expression` is given (proxbias), else every gene of
-  the map on that arm (the fallback of docs/method.md §3.5). Arms need more than `min_genes` basis
+  the map on that arm (the fallback of docs/science.md §3.5). Arms need more than `min_genes` basis
   genes; other rows (compounds, genes without an arm) are left unchanged."""
   x = np.array(x, np.float32)
   labels = [str(v) for v in labels]

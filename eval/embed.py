@@ -3,7 +3,7 @@
 Each site is cut into non-overlapping crops of the model's image size (four 256² tiles of a 512²
 site, 64 of a 2048² one), crops are embedded in batches sharded over all local devices (mean of
 patch tokens by default; CLS or an earlier block by flag), tile embeddings are averaged to the site
-and sites to the well (docs/method.md §3.1-3.2).
+and sites to the well (docs/science.md §3.1-3.2).
 """
 import sys
 import time

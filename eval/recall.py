@@ -14,7 +14,7 @@ null, with the reason) unless --sources was given explicitly, in which case it i
 Arm centring (default "auto") uses the unexpressed genes (zFPKM < -3) of --expression (a CSV
 with gene,zFPKM, or `u2os` for the public U2OS proxy) and is skipped without one; an explicit
 --arm_correction=true without --expression centres on the mean of all map genes on the arm
-(the fallback of docs/method.md §3.5); --arm_correction=false turns it off. Duplicate map labels
+(the fallback of docs/science.md §3.5); --arm_correction=false turns it off. Duplicate map labels
 always raise.
 """
 import contextlib

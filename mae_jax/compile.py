@@ -325,7 +325,7 @@ def report(r: dict) -> str:
 
 # -- README table ---------------------------------------------------------------------------------
 # (config, topology, overrides): the paper's global batches for L/8 and G/8 (16,384 on 128 H100s
-# and 8,192 on 256 H100s, docs/method.md §2.6) on as many v5p chips (L/8 also on half as many), FSDP,
+# and 8,192 on 256 H100s, docs/science.md §2.6) on as many v5p chips (L/8 also on half as many), FSDP,
 # bf16, remat. ViT-G's width 1664 = 13 x 128 caps FSDP at 128-way: G/8 runs data 2 x fsdp 128.
 _BIG = ("--config.mesh.fsdp=-1", "--config.precision=bfloat16", "--config.remat=True")
 SCALING_TABLE = (

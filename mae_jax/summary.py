@@ -4,7 +4,7 @@ r"""Model summary from abstract shapes: parameters, tokens, FLOPs per image, mem
     python -m mae_jax.summary --zoo=README.md   # regenerate the README's model-zoo table
 
 Nothing is allocated (`nnx.eval_shape`), so even ViT-G/8 takes seconds. FLOPs follow the model
-documented in `mae_jax/models/flops.py`. The last stdout line is one JSON object (docs/contracts.md §1).
+documented in `mae_jax/models/flops.py`. The last stdout line is one JSON object (docs/interfaces.md §1).
 """
 import json
 import pathlib

@@ -1,6 +1,6 @@
 """The evaluation (eval/) against references written from the definitions in plain numpy.
 
-Definitions (docs/method.md §3.4, §3.5, §4.1): EFAAR v1.0 known-relationship recall on cosine
+Definitions (docs/science.md §3.4, §3.5, §4.1): EFAAR v1.0 known-relationship recall on cosine
 similarities with the all-pairs upper-triangle null; EFAAR `tvn_on_controls` (StandardScaler ->
 PCA -> StandardScaler fitted on controls, then per-batch CORAL with 0.5 I); the OpenPhenom card's
 PCA-CenterScale; proxbias arm centring on unexpressed genes (zFPKM < -3, arms with > 20 of them).

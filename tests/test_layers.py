@@ -9,7 +9,7 @@ docs/architecture.md draws the layers; this test holds the code to them:
       data_prep imports only mae_jax.data and mae_jax.util; bench and tests import anything;
   (b) no mae_jax module below the top layer (mae_jax.demo, mae_jax.experiments) imports eval;
   (c) there is no import cycle between modules;
-  (d) .py files cite the repo's own docs as `docs/<file>.md` (and a `docs/method.md §N` that
+  (d) .py files cite the repo's own docs as `docs/<file>.md` (and a `docs/science.md §N` that
       exists), never the notes outside the repo or internal issue numbers.
 
 A new module under a package that has no layer yet fails (a): give it one in LAYERS.
@@ -18,7 +18,6 @@ import ast
 import pathlib
 import re
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("mae_jax", "configs", "data_prep", "eval", "bench", "tests")
@@ -198,17 +197,17 @@ def test_cycle_finder_finds_cycles():
 
 
 # -- (d) citations ---------------------------------------------------------------------------------
-DOC_NAMES = ("method", "contracts", "data_sources", "data_layouts", "architecture", "jax_stack")
+DOC_NAMES = ("science", "interfaces", "data_layouts", "architecture")  # the repo's docs/
+# Notes that live outside the repo: a reader of the code has none of them.
+_OUTSIDE = re.compile(r"(method|contracts|data_sources|jax_stack)\.md")
 _DOC = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*)(" + "|".join(DOC_NAMES) + r")\.md")
 _ISSUE = re.compile(r"\b[Ii]ssues? \d")
-_SECTION_REF = re.compile(r"docs/method\.md[,:]?\s*(§\s*\d+(?:\.\d+)*(?:\s*(?:[-–,]|and)\s*§?\s*"
+_SECTION_REF = re.compile(r"docs/science\.md[,:]?\s*(§\s*\d+(?:\.\d+)*(?:\s*(?:[-–,]|and)\s*§?\s*"
                           r"\d+(?:\.\d+)*)*)")
 
 
 def _method_sections():
-  path = ROOT / "docs" / "method.md"
-  if not path.exists():
-    return set()
+  path = ROOT / "docs" / "science.md"
   heads = re.findall(r"^#{2,4}\s+(\d+(?:\.\d+)*)[.\s]", path.read_text(), re.MULTILINE)
   return set(heads)
 
@@ -233,6 +232,8 @@ def test_docs_are_cited_in_the_repo():
           bad.append(f"{where} (cite docs/{m.group(2)}.md)")
         elif not cited.exists():
           bad.append(f"{where} (docs/{m.group(2)}.md does not exist)")
+      if _OUTSIDE.search(line):
+        bad.append(f"{where} (a note outside the repo: cite docs/ or state the fact)")
       if _ISSUE.search(line):
         bad.append(f"{where} (an internal issue number: state the fact or cite docs/)")
   assert not bad, "citations outside the repo's docs:\n" + "\n".join(bad)
@@ -240,8 +241,7 @@ def test_docs_are_cited_in_the_repo():
 
 def test_method_sections_cited_exist():
   sections = _method_sections()
-  if not sections:
-    pytest.skip("docs/method.md has no numbered sections")
+  assert sections, "docs/science.md has no numbered sections"
   bad = []
   for path in _text_files():
     if not path.is_file():
@@ -250,5 +250,5 @@ def test_method_sections_cited_exist():
       for m in _SECTION_REF.finditer(line):
         for number in re.findall(r"\d+(?:\.\d+)*", m.group(1)):
           if number not in sections:
-            bad.append(f"{path.relative_to(ROOT)}:{n}: docs/method.md §{number} does not exist")
+            bad.append(f"{path.relative_to(ROOT)}:{n}: docs/science.md §{number} does not exist")
   assert not bad, "\n".join(bad)

@@ -204,7 +204,7 @@ def test_summary_parameter_counts_of_the_model_zoo():
     assert 25e6 < s["decoder_params"] < 27e6
   s = summary.summarize(common.get_config("S/16"))
   assert s["tokens"] == 256 and s["kept_tokens"] == 64
-  assert s["train_gflops_per_image"] == pytest.approx(52.8, abs=0.1)  # docs/method.md §1.7
+  assert s["train_gflops_per_image"] == pytest.approx(52.8, abs=0.1)  # docs/science.md §1.7
   assert s["embed_gflops_per_image"] == pytest.approx(12.4, abs=0.1)
 
 

@@ -1,6 +1,6 @@
 """Properties of the MAE (mae_jax/models/mae.py) checked against plain-numpy definitions.
 
-The references follow facebookresearch/mae and the maes_microscopy code as docs/method.md
+The references follow facebookresearch/mae and the maes_microscopy code as docs/science.md
 §1.4-§1.6 and §3.1 describe them (Kraus et al., arXiv 2309.16064): patches in row-major order
 with (row, col, channel) inside a token, fixed 2-D sin-cos positions, the CLS token first, masked
 slots filled with the mask token and put back in patch order before the decoder adds positions.
@@ -59,7 +59,7 @@ def ref_patches(x, p):
 
 
 def ref_sincos(width, grid):
-  """docs/method.md §1.4: [sin(h w), cos(h w), sin(x w), cos(x w)], w_i = 10000^(-4i / width)."""
+  """docs/science.md §1.4: [sin(h w), cos(h w), sin(x w), cos(x w)], w_i = 10000^(-4i / width)."""
   rows = []
   for r in range(grid):
     for q in range(grid):

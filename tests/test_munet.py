@@ -27,7 +27,7 @@ def build(cfg, seed=0):
 
 @pytest.mark.parametrize("size,params", [("M", 31_046_150), ("L", 124_138_502)])
 def test_munet_sizes(size, params):
-  """The parameter counts docs/method.md §1.9 states (4 levels, base width 64 / 128)."""
+  """The parameter counts docs/science.md §1.9 states (4 levels, base width 64 / 128)."""
   cfg = common.get_munet_config(size).model
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: registry.build_model(cfg))

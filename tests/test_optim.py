@@ -1,6 +1,6 @@
 """mae_jax/train/optim.py against the published update rules and the one-cycle closed form.
 
-Lion: Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms"), as timm and docs/method.md
+Lion: Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms"), as timm and docs/science.md
 §2.3 write it: u = sign(b1 m + (1 - b1) g); theta <- theta - lr (u + wd theta);
 m <- b2 m + (1 - b2) g. AdamW: Loshchilov & Hutter (decoupled weight decay) with bias-corrected
 Adam moments, the decay scaled by the scheduled lr as in PyTorch/timm:

@@ -103,7 +103,7 @@ def test_arm_mates_are_similar_until_arm_correction(default_biology):
   cos = np.sum(unit[i] * unit[j], axis=1)
   assert mates.sum() > 500
   assert cos[mates].mean() > cos[unrelated & ~mates].mean() + 0.1
-  # Arm correction (docs/method.md §3.5): subtract the mean of the unexpressed genes of arms with > 20.
+  # Arm correction (docs/science.md §3.5): subtract the mean of the unexpressed genes of arms with > 20.
   corrected = gene_means.copy()
   big = [a for a in np.unique(arms) if np.sum((arms == a) & ~expressed) > 20]
   assert len(big) >= 3

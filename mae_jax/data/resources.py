@@ -7,7 +7,7 @@ Pure Python (no jax), so data_prep and eval both use it.
   ``pip download`` into the cache, never vendored.
 * The hg38 gene -> chromosome-arm table is vendored (``mae_jax/data/gene_arms_hg38.tsv.gz``),
   derived from the UCSC tables in ``proxbias==0.11.0`` by ``data_prep/build_arm_table.py``.
-* U2OS zFPKM expression ships in ``efaar-benchmarking==0.1.0`` (docs/method.md §3.5).
+* U2OS zFPKM expression ships in ``efaar-benchmarking==0.1.0`` (docs/science.md §3.5).
 
 The cache lives in ``$MAE_JAX_CACHE`` (default ``~/.cache/mae_jax``).
 """

@@ -16,7 +16,7 @@ run continues; training resumes from its newest checkpoint):
   6. score       eval.recall.score_wells with TVN (+ arm centring), without any correction, and
                  with TVN but no arm centring; the MAE's held-out loss against predicting the
                  crop mean
-  7. report      DIR/report.json (docs/contracts.md §3), DIR/report.md and figures (mae_jax/demo/report.py);
+  7. report      DIR/report.json (docs/interfaces.md §3), DIR/report.md and figures (mae_jax/demo/report.py);
                  --readme rewrites the README's demo block and copies the figures beside it.
 The last stdout line is report.json.
 """

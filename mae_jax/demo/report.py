@@ -1,4 +1,4 @@
-"""The demo's report: report.json (docs/contracts.md §3), report.md, figures, and the README block.
+"""The demo's report: report.json (docs/interfaces.md §3), report.md, figures, and the README block.
 
     data = build(...)                      # dict: the contract's keys + extras
     write(out, run_dir, data, grid_path)   # DIR/report.{json,md} + DIR/*.png (+ a copy in the run)

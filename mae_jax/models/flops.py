@@ -4,7 +4,7 @@ Counted: every matmul (patch embedding, fused in-projection, attention scores q 
 weighted sum a v, attention output, MLP, decoder embedding, decoder blocks, prediction head).
 Ignored: LayerNorms, softmax, GELU, the FFT of the loss, masking gathers (all O(N d), < 1 %).
 A train step is forward + backward = 3 x forward. The MAE forward runs the encoder on the kept
-tokens + CLS and the decoder on all tokens + CLS (docs/method.md §1.7). ViT-S/16: train 52.8 GFLOP
+tokens + CLS and the decoder on all tokens + CLS (docs/science.md §1.7). ViT-S/16: train 52.8 GFLOP
 per image, embedding 12.4, as an independent count of the same matmuls gives.
 """
 

@@ -4,7 +4,7 @@
     emb = model.embed(images)               # evaluation: no masking, mean of patch tokens
 
 `images` are raw uint8/uint16 crops (B, H, W, C). Each crop is self-standardised per channel
-(instance norm, eps 1e-5) and the reconstruction target is the standardised image (docs/method.md §2.1).
+(instance norm, eps 1e-5) and the reconstruction target is the standardised image (docs/science.md §2.1).
 The loss is (1 - a) masked MSE + a Fourier-magnitude L1, a = 0.01 (§2.2), averaged over the removed
 tokens only. `channel_agnostic=True` gives CA-MAE (§1.4): one shared 1-channel patch embedding,
 channel-major tokens, any channel count <= max_channels, every (channel, patch) token masked and
@@ -54,7 +54,7 @@ def reconstruction_loss(pred, target, mask, patch, fourier_weight):
   """(1 - a) MSE + a |FFT2| L1 per token, each a mean over the removed tokens.
 
   Tokens are (B, L, p*p*C) with channels fastest; the Fourier term is a 2-D FFT of every p x p
-  channel patch (the sensible reading of the official view-based code, docs/method.md §2.2).
+  channel patch (the sensible reading of the official view-based code, docs/science.md §2.2).
   """
   mse = jnp.square(pred - target).mean(-1)
   b, l, f = pred.shape

@@ -4,7 +4,7 @@
     emb = model.embed(images)             # evaluation: no masking, pooled bottleneck features
 
 The paper names MU-Net-M and -L without publishing the layers; this is the textbook U-Net
-(Ronneberger et al. 2015) with the choices the field makes today (docs/method.md §1.9):
+(Ronneberger et al. 2015) with the choices the field makes today (docs/science.md §1.9):
   * Masking as the ViT MAE does it (`mae.random_masking` on the patch grid); removed patches are
     blanked and a binary mask plane is concatenated to the input. Dense convolutions rather than
     SparK's sparse ones: they run at full speed on every accelerator, and the mask plane tells

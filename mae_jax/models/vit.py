@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd
 
-LN_EPS = 1e-6  # every LayerNorm of the official model, including qk-norm (docs/method.md §1.3)
+LN_EPS = 1e-6  # every LayerNorm of the official model, including qk-norm (docs/science.md §1.3)
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
@@ -33,7 +33,7 @@ def sincos_2d(width: int, grid: int, cls: bool = True) -> np.ndarray:
   """Fixed 2-D sin-cos table (grid*grid [+1 zero CLS row], width), 'ij' grid flattened row-major.
 
   Each quarter of the width is [sin(h w), cos(h w), sin(w w), cos(w w)] with frequencies
-  w_i = 10000^(-i / (width/4)) (docs/method.md §1.4).
+  w_i = 10000^(-i / (width/4)) (docs/science.md §1.4).
   """
   assert width % 4 == 0, width
   omega = 10000.0 ** (-np.arange(width // 4) / (width // 4))
@@ -87,7 +87,7 @@ def attention(q, k, v):
 
 
 class ParallelScalingBlock(nnx.Module):
-  """timm ParallelScalingBlock as trained by Kraus et al. (docs/method.md §1.3).
+  """timm ParallelScalingBlock as trained by Kraus et al. (docs/science.md §1.3).
 
   One fused input projection W_in (d, h + 3d) feeds the MLP and attention in parallel; its output
   is split [mlp_in (h) | q (d) | k (d) | v (d)]. With qkv_bias=False timm's fused bias is

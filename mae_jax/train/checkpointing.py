@@ -8,7 +8,7 @@
 
     model, config = load_for_eval("WORKDIR")       # or WORKDIR/checkpoints or a step folder
 
-Layout (docs/contracts.md §3): `checkpoints/<step>/{state/, data/process_<i>-of-<n>.json}`. A restore
+Layout (docs/interfaces.md §3): `checkpoints/<step>/{state/, data/process_<i>-of-<n>.json}`. A restore
 takes an abstract target carrying the NEW mesh's shardings, so a run can resume on another mesh
 or device count. The data item needs the same process count (grain keeps one file per process).
 This file is the only place that knows Orbax's V0 API, so moving to `ocp.v1` touches nothing else.

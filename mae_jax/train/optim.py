@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the paper (docs/method.md §2.3): Lion + one-cycle cosine.
+"""Optimiser and learning-rate schedule of the paper (docs/science.md §2.3): Lion + one-cycle cosine.
 
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr = one_cycle(config.optimizer, config.total_steps)(step)
@@ -10,7 +10,7 @@ the warm-up as a cosine too; both start and end at the same values.)
 
 beta1 cycling. PyTorch's OneCycleLR also has cycle_momentum=True by default, which for Lion moves
 beta1 from 0.95 down to 0.85 during the warm-up and back up to 0.95 during the decay, overriding
-the configured b1 (docs/method.md §2.3, §7). Whether the authors meant that is unknown, so it is OFF
+the configured b1 (docs/science.md §2.3, §7). Whether the authors meant that is unknown, so it is OFF
 by default: beta1 stays `optimizer.b1`. `optimizer.cycle_momentum=True` (when a config defines
 that key) or `make_optimizer(..., cycle_momentum=True)` replicates it exactly, with the momentum
 schedule mirroring the lr schedule (cosine in both phases, as PyTorch does for momentum).
