@@ -19,3 +19,20 @@ import pytest  # noqa: E402
 def devices():
   assert len(jax.devices()) == 8, jax.devices()
   return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One persistent-compilation-cache folder for every command a test runs in a subprocess."""
+  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """In-process compiles with fewer XLA passes (restored afterwards)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

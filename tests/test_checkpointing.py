@@ -20,14 +20,6 @@ def _mesh(shape):
 
 
 @pytest.fixture(scope="module")
-def fast_compiles():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(scope="module")
 def saved(tmp_path_factory, devices, fast_compiles):
   """A tiny run's WORKDIR: config.json + checkpoints 4, 6 of an initial state (keep=2)."""
   workdir = tmp_path_factory.mktemp("run")

@@ -32,13 +32,6 @@ def env_for(cache_dir, devices):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
   """Losses of the same command in ONE process on 8 devices (data=8)."""
   workdir = tmp_path_factory.mktemp("single")

@@ -22,14 +22,6 @@ from mae_jax.train import ConfigError, checkpointing, loop, sharding, step as st
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def fast_compiles():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def config(scan, **model):
   c = tiny.get_config()
   c.model.update(scan_layers=scan, **model)

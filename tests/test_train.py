@@ -60,22 +60,6 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())}
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture(scope="module")
-def fast_compiles():
-  """In-process compiles with fewer XLA passes (restored afterwards)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
   """24 sites of 48x48x6 in 2 TFRecord shards: the grain pipeline takes random 32x32 crops."""
@@ -90,9 +74,9 @@ def manifest(tmp_path_factory):
       for i in range(12 * s, 12 * s + 12):
         writer.write(sites[i], channels, {"site": i, "well": f"B{i:02d}"})
     shards.append({"path": f"shard-{s}.tfrecord", "records": writer.count})
-  return records.write_manifest(out, {
+  return pathlib.Path(records.write_manifest(out, {
       "layout": "test", "shards": shards, "num_records": 24, "image_shape": [48, 48, 6],
-      "channels": channels, "dtype": "uint8"})
+      "channels": channels, "dtype": "uint8"}))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ The runs use test_train.py's flags and compilation cache, so most of them compil
 """
 import json
 import math
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -15,39 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from configs import tiny
-from mae_jax.data import input_pipeline, records
-from mae_jax.train import batches
+from mae_jax.data import input_pipeline
 from mae_jax.util import cli
 from test_train import REPO, TINY, losses, main_env, result_of, run_main
+from test_train import manifest  # noqa: F401  (the fixture: 24 sites in 2 shards)
 
 STEPS = 8  # every run stops here (--stop_at): the schedule stays that of total_steps=200
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"  # shared with test_train.py
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-  """test_train.py's data: 24 sites of 48x48x6 in 2 shards, cropped to 32x32 by grain."""
-  out = tmp_path_factory.mktemp("data")
-  config = tiny.get_config()
-  config.model.image_size = 48
-  sites = batches.SyntheticCrops(config, None).rows(step=0, start=0, stop=24)
-  channels = [f"w{i}" for i in range(1, 7)]
-  shards = []
-  for s in range(2):
-    with records.ShardWriter(str(out / f"shard-{s}.tfrecord")) as writer:
-      for i in range(12 * s, 12 * s + 12):
-        writer.write(sites[i], channels, {"site": i, "well": f"B{i:02d}"})
-    shards.append({"path": f"shard-{s}.tfrecord", "records": writer.count})
-  return pathlib.Path(records.write_manifest(out, {
-      "layout": "test", "shards": shards, "num_records": 24, "image_shape": [48, 48, 6],
-      "channels": channels, "dtype": "uint8"}))
 
 
 @pytest.fixture(scope="module")
