@@ -33,9 +33,12 @@ setup(
         "pyarrow>=15",
         "scipy>=1.11",
         "portpicker>=1.6",
+        "plotly>=6.0",  # eval.explore: the map page (plotly.js inlined)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "selenium>=4.20"],
+        # eval.explore lays the map out with UMAP when it is installed (else PCA).
+        "explore": ["umap-learn>=0.5"],
         "tpu": ["jax[tpu]"],
         # TPU compiler for `python -m mae_jax.compile` on machines without a TPU: the libtpu that
         # jax 0.10.2's [tpu] extra pins.

@@ -35,26 +35,14 @@ def load_config(spec: str):
 
 def compile_step(config, devices, unroll=None) -> dict:
   """Lowers and compiles the train step of `config` on `devices`: seconds and XLA's FLOPs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
   from mae_jax.train import sharding, step as step_lib  # pylint: disable=g-import-not-at-top
   mae.SCAN_UNROLL.clear()
   mae.SCAN_UNROLL.update(unroll or {})
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  rules = sharding.normalize_rules(config.sharding_rules)
-  m = config.model
   t0 = time.perf_counter()
   graphdef, tx, abstract, _ = step_lib.build_state(config, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  images = jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.channels),
-                                np.dtype(config.data.dtype),
-                                sharding=sharding.batch_sharding(mesh, rules))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  with step_lib.mesh_context(mesh, rules):
-    lowered = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
-        abstract, images, key)
+  lowered = step_lib.lower_train_step(graphdef, tx, config, mesh, abstract)
   lower_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()

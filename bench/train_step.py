@@ -46,23 +46,23 @@ def measure(name, precision, batch, steps, scan_layers=None):
   rules = sharding.normalize_rules(config.sharding_rules)
   graphdef, tx, abstract, init = step_lib.build_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  m = config.model
-  images = np.random.default_rng(0).integers(
-      0, 256, (batch, m.image_size, m.image_size, m.channels), dtype=np.uint8)
+  high = {"image": 256, "label": config.model.get("num_classes", 1)}  # pixels; class ids
+  rows = np.random.default_rng(0)
   with step_lib.mesh_context(mesh, rules):
     state = init()
-    images = jax.device_put(images, sharding.batch_sharding(mesh, rules))
+    data = {k: jax.device_put(rows.integers(0, high[k], a.shape, dtype=a.dtype), a.sharding)
+            for k, a in step_lib.abstract_batch(config, mesh).items()}
     rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
     start = time.perf_counter()
     step = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
-        state, images, rng).compile()
+        state, data, rng).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = step(state, images, rng)  # warm-up
+    state, metrics = step(state, data, rng)  # warm-up
     jax.block_until_ready(metrics)
     best = float("inf")
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = step(state, images, rng)
+      state, metrics = step(state, data, rng)
       jax.block_until_ready((state, metrics))
       best = min(best, time.perf_counter() - start)
   return best, compile_s, config

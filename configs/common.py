@@ -54,7 +54,7 @@ def get_config(variant="S/16", **overrides):
   c.sharding_rules = SHARDING_RULES
 
   c.model = ml_collections.ConfigDict(dict(
-      kind="mae",  # the model registry (mae_jax/models/__init__.py): "mae" | "munet"
+      kind="mae",  # the model registry (mae_jax/models/registry.py): "mae" | "munet" | "wsl"
       variant=variant,
       image_size=256,
       patch_size=int(patch),
@@ -142,6 +142,37 @@ def get_munet_config(size="M", **overrides):
       mask_ratio=0.75,
       fourier_weight=0.01,
       embed_levels="bottleneck",  # or "all": pooled features of every level, concatenated
+  ))
+  c.optimizer.lr = 1e-4
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def get_wsl_config(**overrides):
+  """The weakly supervised baseline: torchvision's DenseNet-161 with a 6-channel stem, trained to
+  classify each crop's perturbation label (docs/science.md §1.10), with the MAE recipe's optimiser
+  family (Lion, one-cycle) and data pipeline."""
+  c = get_config("S/16")
+  c.name = "wsl_densenet161"
+  c.model = ml_collections.ConfigDict(dict(
+      kind="wsl",
+      variant="DenseNet-161",
+      image_size=256,
+      channels=6,
+      growth_rate=48,  # torchvision densenet161: growth 48, blocks 6/12/36/24, 96 stem features,
+      block_config=(6, 12, 36, 24),
+      num_init_features=96,
+      bn_size=4,  # bottleneck width = bn_size x growth
+      # Classes of the label vocabulary: a run on a manifest sets it from the data (WORKDIR/
+      # labels.json). The default, for summaries and compiles, is RxRx1's 1,139 siRNAs (1,108
+      # treatments + 30 positive controls + 1 negative), the classic WSL task on these images.
+      num_classes=1139,
+      label_smoothing=0.0,  # torch CrossEntropyLoss(label_smoothing=...)
+  ))
+  c.wsl = ml_collections.ConfigDict(dict(
+      label_key="gene",  # the records' metadata field to classify: "gene" or "perturbation" (guide)
+      controls="class",  # control sites: "class" (their label is a class) or "exclude"
   ))
   c.optimizer.lr = 1e-4
   for key, value in overrides.items():

@@ -32,39 +32,55 @@ def data_parallel_mesh() -> Mesh:
 
 
 def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, batch_size=32,
-                   progress=True):
-  """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`."""
+                   progress=True, adabn=False):
+  """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`.
+
+  With `adabn` (models with BatchNorm: the WSL DenseNet) each experiment's crops are embedded
+  with BatchNorm statistics re-estimated on that experiment (`adabn_statistics`).
+  """
   mesh = mesh or data_parallel_mesh()
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
-  graphdef, state = nnx.split(model)
+  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
+  params, stats = jax.device_put((params, stats), replicated)
   images_sharding = NamedSharding(mesh, P(sharding.MESH_AXES[0]))
 
   @jax.jit
-  def embed(state, images):
-    return nnx.merge(graphdef, state).embed(images, pooling=pooling, block=block)
+  def embed(params, stats, images):
+    return nnx.merge(graphdef, params, stats).embed(images, pooling=pooling, block=block)
 
   cfg = model.cfg
   metadata = input_pipeline.site_metadata(manifest)
+  channels = None if cfg.get("channel_agnostic") else cfg.channels  # CA-MAE takes any count
+  tiles = lambda: input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size,
+                                            batch_size=batch_size, expect_channels=channels)
+  experiment = np.array([str(m.get("experiment", "")) for m in metadata])
+  if adabn:
+    if not hasattr(model, "batch_statistics"):
+      raise EvalError(f"--adabn re-estimates BatchNorm statistics; a {type(model).__name__} has "
+                      f"none (it is for the WSL DenseNet)")
+    per_experiment = adabn_statistics(model, tiles(), experiment, batch_size, replicated)
   sums, counts = None, np.zeros(len(metadata), np.int64)
   bar = tqdm(total=len(metadata), unit="site", disable=not (progress and sys.stderr.isatty()),
              file=sys.stderr, desc="embedding")
   start, crops = time.perf_counter(), 0
-  channels = None if cfg.get("channel_agnostic") else cfg.channels  # CA-MAE takes any count
-  for batch in input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size, batch_size=batch_size,
-                                         expect_channels=channels):
+  for batch in tiles():
     images, sites = batch["image"], batch["site"]
-    n = len(images)
-    if n < batch_size:  # pad the last batch: one compiled shape, even split over devices
-      images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-    emb = np.asarray(embed(state, jax.device_put(images, images_sharding)), np.float32)[:n]
-    if sums is None:
-      sums = np.zeros((len(metadata), emb.shape[1]), np.float64)
-    np.add.at(sums, sites, emb)
-    np.add.at(counts, sites, 1)
-    crops += n
+    groups = ([(stats, np.ones(len(sites), bool))] if not adabn else
+              [(per_experiment[e], experiment[sites] == e) for e in np.unique(experiment[sites])])
+    for group_stats, rows in groups:
+      n = int(rows.sum())
+      # Pad a short batch: one compiled shape, an even split over devices.
+      x = np.zeros((batch_size,) + images.shape[1:], images.dtype)
+      x[:n] = images[rows]
+      emb = np.asarray(embed(params, group_stats, jax.device_put(x, images_sharding)),
+                       np.float32)[:n]
+      if sums is None:
+        sums = np.zeros((len(metadata), emb.shape[1]), np.float64)
+      np.add.at(sums, sites[rows], emb)
+      np.add.at(counts, sites[rows], 1)
+    crops += len(sites)
     bar.update(int(np.unique(sites).size))
     bar.set_postfix(crops_per_s=f"{crops / (time.perf_counter() - start):.1f}")
   bar.close()
@@ -75,6 +91,45 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
     raise EvalError(f"{manifest}: no site could be embedded")
   seen = counts > 0
   return (sums[seen] / counts[seen, None]).astype(np.float32), [m for m, s in zip(metadata, seen) if s]
+
+
+def adabn_statistics(model, tiles, experiment, batch_size, replicated) -> dict:
+  """AdaBN (Li et al. 2016): experiment -> BatchNorm statistics of its crops alone.
+
+  Crops are gathered per experiment into full batches; each batch's statistics (every layer's
+  batch mean and variance in train mode, `model.batch_statistics`) are averaged over the
+  experiment's batches, weighted by crops, as torch's cumulative running average
+  (momentum=None) would estimate them. An experiment with a single crop keeps the model's own.
+  """
+  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+  params = jax.device_put(params, replicated)
+  batch_stats = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s, copy=True).batch_statistics(x))
+  pending, sums, counts = {}, {}, {}
+
+  def add(e, images):
+    got = jax.device_get(batch_stats(params, stats, images))
+    weighted = jax.tree.map(lambda v: np.asarray(v, np.float64) * len(images), got)
+    sums[e] = weighted if e not in sums else jax.tree.map(np.add, sums[e], weighted)
+    counts[e] = counts.get(e, 0) + len(images)
+
+  for batch in tiles:
+    names = experiment[batch["site"]]
+    for e in np.unique(names):
+      buffer = np.concatenate([*pending.get(e, []), batch["image"][names == e]])
+      while len(buffer) >= batch_size:
+        add(e, buffer[:batch_size])
+        buffer = buffer[batch_size:]
+      pending[e] = [buffer]
+  for e, (buffer,) in pending.items():
+    if len(buffer) >= 2:
+      add(e, buffer)
+  out = {}
+  stats = stats.to_pure_dict()
+  for e in np.unique(experiment):
+    own = stats if e not in sums else jax.tree.map(
+        lambda v, ref: np.asarray(v / counts[e], ref.dtype), sums[e], stats)
+    out[e] = jax.device_put(own, replicated)
+  return out
 
 
 def wells_from_sites(site_emb, site_meta):
@@ -91,10 +146,11 @@ def wells_from_sites(site_emb, site_meta):
                     [c for c in first if c not in WELL_COLUMNS]]
 
 
-def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, progress=True):
+def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, progress=True,
+                adabn=False):
   """Restores the encoder of `ckpt` and embeds every well of `manifest` (eval.recall --ckpt)."""
   mesh = data_parallel_mesh()
   model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
   site_emb, site_meta = embed_manifest(model, manifest, mesh=mesh, pooling=pooling, block=block,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress, adabn=adabn)
   return wells_from_sites(site_emb, site_meta)

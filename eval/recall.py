@@ -263,12 +263,16 @@ def _define_flags():
   flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (with --ckpt)")
   flags.DEFINE_integer("block", None, "encoder block to embed from (with --ckpt; default last)")
   flags.DEFINE_integer("batch_size", 32, "crops per embedding batch (with --ckpt)")
+  flags.DEFINE_bool("adabn", False, "with --ckpt of a BatchNorm model (WSL): re-estimate its "
+                    "BatchNorm statistics on each experiment's crops (AdaBN; docs/science.md §1.10)")
   flags.DEFINE_list("sources", list(resources.SOURCES), "relationship sources to score")
   flags.DEFINE_string("annotations_dir", None, "folder with {source}.txt annotation files")
   flags.DEFINE_enum("aggregation", "mean", ["mean", "median"], "wells -> perturbation")
   flags.DEFINE_list("perturbation_types", None, "keep only these types in the map (e.g. CRISPR)")
   flags.DEFINE_integer("min_entities", benchmarks.MIN_ENTITIES, "genes a source needs in the map")
   flags.DEFINE_string("title", None, "plot title (default: the method)")
+  flags.DEFINE_bool("explore", True, "also write DIR/map.html, the browsable map "
+                    "(python -m eval.explore)")
 
 
 def run(flag_values) -> dict:
@@ -292,7 +296,7 @@ def run(flag_values) -> dict:
       raise EvalError("--metadata goes with --embeddings, not --ckpt")
     from eval.embed import embed_wells  # the encoder stack is only needed here
     emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
-                            batch_size=f.batch_size)
+                            batch_size=f.batch_size, adabn=f.adabn)
     level = "wells"
   else:
     emb, meta, level, notes = tables.load_embeddings(f.embeddings, f.metadata)
@@ -308,7 +312,11 @@ def run(flag_values) -> dict:
     result.update(batch_correction={"method": "precomputed"}, settings=_settings(
         {**DEFAULTS, **options}))
     result["method"] = describe(result)
-  return write_outputs(result, f.out, f.title)
+  data = write_outputs(result, f.out, f.title)
+  if f.explore:  # DIR/map.html, the browsable map (eval/explore.py)
+    from eval import explore
+    explore.write_page(f.out, sources=list(f.sources), annotations_dir=f.annotations_dir)
+  return data
 
 
 def main(argv):

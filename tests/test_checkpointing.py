@@ -29,7 +29,7 @@ def saved(tmp_path_factory, devices, fast_compiles):
   _, _, abstract, init = step_lib.build_state(config, mesh)
   with step_lib.mesh_context(mesh, rules):
     state = init()
-  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
+  data = batches.SyntheticCrops(config, step_lib.batch_shardings(config, mesh))
   loop.write_config(config, workdir, resuming=False)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), save_every=2, keep=2)
   try:
@@ -59,7 +59,7 @@ def test_restore_onto_another_mesh(saved):
   config = saved["config"]
   mesh = _mesh((2, 2, 2))
   _, _, abstract, _ = step_lib.build_state(config, mesh)
-  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
+  data = batches.SyntheticCrops(config, step_lib.batch_shardings(config, mesh))
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(saved["workdir"]),
                                     save_every=2, keep=2)
   try:

@@ -103,8 +103,8 @@ def test_cli_end_to_end_rxrx3_core(screen, tmp_path):
   assert last["batch_correction"]["method"] == "tvn" and last["batch_correction"]["coral"]
   assert last["arm_correction"]["mode"] is None  # no --expression: skipped unless asked for
   assert "no expression table" in last["arm_correction"]["skipped"]
-  assert sorted(p.name for p in out.iterdir()) == ["gene_embeddings.npz", "recall.csv",
-                                                   "recall.json", "recall.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["gene_embeddings.npz", "map.html",
+                                                   "recall.csv", "recall.json", "recall.png"]
   with np.load(out / "gene_embeddings.npz") as z:
     labels = list(z["labels"])
     assert z["embeddings"].shape[0] == len(labels)
@@ -240,13 +240,13 @@ def test_ckpt_branch_calls_embed_wells(screen, tmp_path, monkeypatch):
   import eval.embed  # noqa: F401  (the real module; only embed_wells is replaced)
   monkeypatch.setattr("eval.embed.embed_wells", fake_embed_wells)
   f = _Flags(out=str(tmp_path / "o"), embeddings=None, metadata=None, ckpt="/w/ckpt",
-             manifest="/d/manifest.json", pooling="cls", block=3, batch_size=16,
-             batch_correction="tvn", coral=True, batch_key="experiment", control="EMPTY_control",
+             manifest="/d/manifest.json", pooling="cls", block=3, batch_size=16, adabn=True,
+             explore=False, batch_correction="tvn", coral=True, batch_key="experiment", control="EMPTY_control",
              arm_correction=None, expression=None, sources=["CORUM"],
              annotations_dir=f"{root}/annotations", aggregation="median",
              perturbation_types=["CRISPR"], min_entities=20, title="ckpt test")
   data = recall.run(f)
   assert calls == [("/w/ckpt", "/d/manifest.json",
-                    {"pooling": "cls", "block": 3, "batch_size": 16})]
+                    {"pooling": "cls", "block": 3, "batch_size": 16, "adabn": True})]
   assert data["n_perturbations"] == len(genes) and data["settings"]["aggregation"] == "median"
   assert (tmp_path / "o" / "recall.json").exists()

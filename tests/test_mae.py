@@ -47,7 +47,7 @@ def test_token_counts_after_masking(patch, total, kept):
   original = model.blocks[0].__class__.__call__
   model.blocks[0].__class__.__call__ = lambda self, x, *a, **k: seen.append(x.shape) or original(self, x, *a, **k)
   try:
-    _, aux = nnx.jit(lambda m, x: m(x, jax.random.key(0)))(model, images((2, 256, 256, 6)))
+    _, aux = nnx.jit(lambda m, x: m({"image": x}, jax.random.key(0)))(model, images((2, 256, 256, 6)))
   finally:
     model.blocks[0].__class__.__call__ = original
   assert seen == [(2, kept + 1, 32)]  # kept patch tokens + CLS reach the encoder
@@ -152,7 +152,7 @@ def test_camae_embedding_is_channel_permutation_invariant_for_any_channel_count(
     e, ep = embed(model, x), embed(model, x[..., perm])
     assert e.shape == (2, 64)
     np.testing.assert_allclose(np.asarray(e), np.asarray(ep), atol=1e-5)
-  loss, aux = nnx.jit(lambda m, x: m(x, jax.random.key(0)))(model, images((2, 32, 32, 4)))
+  loss, aux = nnx.jit(lambda m, x: m({"image": x}, jax.random.key(0)))(model, images((2, 32, 32, 4)))
   assert aux["pred"].shape == (2, 4 * 16, 64) and np.isfinite(float(loss))  # per-channel p*p tokens
   with pytest.raises(ValueError, match="at most 11"):
     model.embed(images((1, 32, 32, 12)))
@@ -173,7 +173,7 @@ def test_embed_pooling_and_blocks():
 def test_gradients_finite(precision):
   model = mae.build_model(small().model, dtype=mae.compute_dtype(precision))
   x = images((4, 32, 32, 6))
-  grads = nnx.jit(nnx.grad(lambda m: m(x, jax.random.key(0))[0]))(model)
+  grads = nnx.jit(nnx.grad(lambda m: m({"image": x}, jax.random.key(0))[0]))(model)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
   assert all(g.dtype == jnp.float32 for g in leaves)  # parameters (and so gradients) stay fp32
@@ -188,7 +188,7 @@ def test_tiny_model_loss_falls_on_fixed_data():
 
   @nnx.jit
   def step(model, opt, key):
-    loss, grads = nnx.value_and_grad(lambda m: m(x, key)[0])(model)
+    loss, grads = nnx.value_and_grad(lambda m: m({"image": x}, key)[0])(model)
     opt.update(model, grads)
     return loss
 

@@ -126,7 +126,7 @@ def ref_identity_prediction(model, x, mask):
 
 # Per-layer blocks and scanned (stacked) blocks must behave the same.
 SCAN = pytest.mark.parametrize("scan", [False, True], ids=["per_layer", "scanned"])
-forward = nnx.jit(lambda m, x, key, ratio: m(x, key, mask_ratio=ratio), static_argnums=3)
+forward = nnx.jit(lambda m, x, key, ratio: m({"image": x}, key, mask_ratio=ratio), static_argnums=3)
 embed = nnx.jit(lambda m, x, **kw: m.embed(x, **kw), static_argnames=("pooling", "block"))
 
 

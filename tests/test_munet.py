@@ -1,6 +1,7 @@
-"""MU-Net, the U-Net masked autoencoder (mae_jax/models/munet.py), as a first-class model kind."""
-import json
+"""MU-Net, the U-Net masked autoencoder (mae_jax/models/munet.py): sizes, loss, embeddings, FLOPs.
 
+Training, resume, eval and compile of every kind: tests/test_model_kinds.py.
+"""
 import jax
 import numpy as np
 import pytest
@@ -8,11 +9,6 @@ from flax import nnx
 
 from configs import common
 from mae_jax.models import flops, registry
-from tests.test_eval_e2e import run, write_annotations, write_screen
-
-TINY = ("--config.model.image_size=32", "--config.model.patch_size=8",
-        "--config.model.base_width=8", "--config.model.levels=2", "--config.model.norm_groups=4")
-
 
 def tiny_model_cfg(**kw):
   c = common.get_munet_config("M").model
@@ -38,7 +34,7 @@ def test_munet_sizes(size, params):
 def test_loss_only_on_removed_patches_and_embeddings():
   model = build(tiny_model_cfg())
   images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 6)).astype(np.uint8)
-  loss, aux = model(images, jax.random.key(1))
+  loss, aux = model({"image": images}, jax.random.key(1))
   assert aux["pred"].shape == aux["target"].shape == (2, 16, 8 * 8 * 6)
   assert float(aux["mask"].mean()) == 0.75 and np.isfinite(float(loss))
   # Changing the pixels of a visible patch's prediction target does not move the loss; the
@@ -62,8 +58,8 @@ def test_loss_only_on_removed_patches_and_embeddings():
 def test_mask_ratio_zero_does_not_depend_on_the_key():
   model = build(tiny_model_cfg(mask_ratio=0.0))
   images = np.random.default_rng(1).integers(0, 255, (2, 32, 32, 6)).astype(np.uint8)
-  a = model(images, jax.random.key(0), mask_ratio=0.0)[1]["pred"]
-  b = model(images, jax.random.key(7), mask_ratio=0.0)[1]["pred"]
+  a = model({"image": images}, jax.random.key(0), mask_ratio=0.0)[1]["pred"]
+  b = model({"image": images}, jax.random.key(7), mask_ratio=0.0)[1]["pred"]
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -71,36 +67,9 @@ def test_flop_model_matches_xla_within_10_percent():
   cfg = tiny_model_cfg(image_size=64, base_width=16, levels=3)
   graphdef, state = nnx.split(build(cfg))
   images = jax.ShapeDtypeStruct((1, 64, 64, 6), np.uint8)
-  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, jax.random.key(0))[0])
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)({"image": x}, jax.random.key(0))[0])
   emb = jax.jit(lambda s, x: nnx.merge(graphdef, s).embed(x))
   xla = [f.lower(state, images).compile().cost_analysis()["flops"] for f in (fwd, emb)]
   ours = flops.flops_per_image(cfg)
   assert abs(ours["train"] / 3 / xla[0] - 1) < 0.10, (ours, xla)
   assert abs(ours["embed"] / xla[1] - 1) < 0.10, (ours, xla)
-
-
-def test_train_resume_and_recall_from_checkpoint(tmp_path):
-  """main trains MU-Net on shards; a stopped run resumes onto the same losses; eval.recall scores."""
-  manifest = write_screen(tmp_path, np.random.default_rng(0))
-  common_flags = ["mae_jax.main", "--config=configs/munet_m.py", *TINY,
-                  f"--config.data.manifest={manifest}", "--config.total_steps=6",
-                  "--config.checkpoint_every=3", "--config.batch_size=8", "--config.log_every=1",
-                  "--config.data.num_workers=0"]
-  losses = {}
-  for name, stops in (("straight", []), ("stopped", ["--stop_at=3"])):
-    workdir = tmp_path / name
-    for extra in ([*stops, None] if stops else [None]):
-      out = run(common_flags + [f"--workdir={workdir}"] + ([extra] if extra else []))
-    assert json.loads(out.stdout.strip().splitlines()[-1])["status"] == "done"
-    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    losses[name] = {r["step"]: r["loss"] for r in records}
-  assert sorted(losses["stopped"]) == list(range(1, 7))
-  for step in range(4, 7):
-    assert losses["stopped"][step] == pytest.approx(losses["straight"][step], rel=1e-5)
-  out_dir = tmp_path / "eval"
-  out = run(["eval.recall", f"--ckpt={tmp_path / 'straight'}", f"--manifest={manifest}",
-             f"--out={out_dir}", f"--annotations_dir={write_annotations(tmp_path / 'ann')}",
-             "--arm_correction=false"])
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["n_perturbations"] == 24 and set(result["sources"]) >= {"CORUM", "StringDB"}
-  assert json.loads((out_dir / "recall.json").read_text()) == result

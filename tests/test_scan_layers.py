@@ -72,7 +72,7 @@ def test_same_loss_gradients_and_embeddings_both_ways(remat):
 
   def loss_and_grads(model):
     graphdef, params = nnx.split(model, nnx.Param)
-    loss = lambda p: nnx.merge(graphdef, p)(x, jax.random.key(3))[0]
+    loss = lambda p: nnx.merge(graphdef, p)({"image": x}, jax.random.key(3))[0]
     return jax.jit(jax.value_and_grad(loss))(params.to_pure_dict())
 
   loss_u, grads_u = loss_and_grads(unrolled)
@@ -87,7 +87,7 @@ def test_same_loss_gradients_and_embeddings_both_ways(remat):
   with nnx.use_eager_sharding(False):
     no_drop = mae.build_model(config(True, depth=3, decoder_depth=2, drop_path=0.0).model)
   nnx.update(no_drop, params_of(scanned))
-  no_drop_loss = jax.jit(lambda m: m(x, jax.random.key(3))[0])(no_drop)
+  no_drop_loss = jax.jit(lambda m: m({"image": x}, jax.random.key(3))[0])(no_drop)
   assert float(no_drop_loss) != pytest.approx(float(loss_s), rel=1e-6)
 
   embed = jax.jit(lambda m, block, pooling: m.embed(x, block=block, pooling=pooling),
@@ -164,7 +164,8 @@ def test_resume_converts_checkpoints_between_layouts(tmp_path, devices, fast_com
                              rtol=1e-5)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), save_every=3, keep=3)
   try:
-    assert not ckpt.stacked_layers(3) and ckpt.stacked_layers(6)
+    model = tiny.get_config().model
+    assert not ckpt.stacked_layers(3, model) and ckpt.stacked_layers(6, model)
   finally:
     ckpt.close()
 

@@ -66,7 +66,7 @@ def manifest(tmp_path_factory):
   out = tmp_path_factory.mktemp("data")
   config = tiny.get_config()
   config.model.image_size = 48
-  sites = batches.SyntheticCrops(config, None).rows(step=0, start=0, stop=24)
+  sites = batches.SyntheticCrops(config, None).images(step=0, start=0, stop=24)
   channels = [f"w{i}" for i in range(1, 7)]
   shards = []
   for s in range(2):
@@ -240,14 +240,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, devices):
   repl = sharding.replicated(mesh)
   state = dict(w=jax.device_put(jnp.ones((8,)), repl), step=jax.device_put(jnp.int32(0), repl))
 
-  def fake_step(state, images, rng):  # the loss turns NaN at step 5
-    del images, rng
+  def fake_step(state, batch, rng):  # the loss turns NaN at step 5
+    del batch, rng
     step = state["step"] + 1
     loss = jnp.where(step >= 5, jnp.nan, 1.0 / step)
     metrics = dict(loss=loss, mse=loss, fourier=loss, grad_norm=loss, lr=loss)
     return dict(w=state["w"] + 1, step=step), metrics
 
-  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, config.sharding_rules))
+  data = batches.SyntheticCrops(config, step_lib.batch_shardings(config, mesh))
   ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5)
   log = metrics.MetricsLog(tmp_path, 0, config.total_steps)
   try:
@@ -273,18 +273,18 @@ def test_microbatches_with_remat_equal_averaged_chunk_gradients(devices, fast_co
   rules = sharding.normalize_rules(config.sharding_rules)
   graphdef, tx, abstract, init = step_lib.build_state(config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  data = batches.SyntheticCrops(config, sharding.batch_sharding(mesh, rules))
+  data = batches.SyntheticCrops(config, step_lib.batch_shardings(config, mesh))
   with step_lib.mesh_context(mesh, rules):
     state = init()
-    images, rng = next(data), jax.random.key(0)
-    params, opt = state["model"], state["opt"]
+    batch, rng = next(data), jax.random.key(0)
+    images, params, opt = batch["image"], state["model"], state["opt"]
     step = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings)
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), images, rng)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, rng)
 
     @jax.jit
     def manual(params, opt, images):
       def loss_fn(p, x, key):
-        return nnx.merge(graphdef, p)(x, key)[0]
+        return nnx.merge(graphdef, p)({"image": x}, key)[0]
       key = jax.random.fold_in(rng, 0)
       parts = [jax.value_and_grad(loss_fn)(params, images[i::2], jax.random.fold_in(key, i))
                for i in range(2)]

@@ -125,6 +125,27 @@ def crop_site(image: np.ndarray, draw, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class Labelled:
+  """The records a labelled (WSL) run draws from and their classes.
+
+  Draws index `records` (the records with a class), and each crop carries the class of its
+  record. None (unlabelled): draws index every record, and crops carry no label.
+  """
+  records: np.ndarray  # int64 record indices
+  classes: np.ndarray  # int32 class of each of them
+
+  @classmethod
+  def of(cls, ids: np.ndarray):
+    """From the class id of every record (-1: not trained on)."""
+    records = np.flatnonzero(ids >= 0)
+    return cls(records, ids[records].astype(np.int32))
+
+
+def _record(labelled, draw) -> int:
+  return int(labelled.records[draw[0]]) if labelled is not None else draw[0]
+
+
+@dataclasses.dataclass(frozen=True)
 class CropBatch:
   """grain batch_fn: reads, decodes and crops each drawn record into one batch.
 
@@ -134,15 +155,19 @@ class CropBatch:
   """
   source: records.IndexedTFRecordSource
   size: int
+  labelled: Labelled | None = None
 
   def __call__(self, draws) -> dict[str, np.ndarray]:
     out = None
     for i, draw in enumerate(draws):
-      image = self.source.decode_image(draw[0], self.source.read_view(draw[0]))
+      index = _record(self.labelled, draw)
+      image = self.source.decode_image(index, self.source.read_view(index))
       if out is None:
         out = np.empty((len(draws), self.size, self.size, image.shape[2]), image.dtype)
       out[i] = crop_site(image, draw, self.size)
-    return {"image": out}
+    if self.labelled is None:
+      return {"image": out}
+    return {"image": out, "label": self.labelled.classes[[d[0] for d in draws]]}
 
 
 # A record that failed its checks (skip_corrupt=True): counted, then dropped.
@@ -154,13 +179,17 @@ class ReadCrop:
   """Map to one crop (a copy) or the _CORRUPT marker, for the skip_corrupt path."""
   source: records.IndexedTFRecordSource
   size: int
+  labelled: Labelled | None = None
 
   def __call__(self, draw) -> dict[str, np.ndarray]:
-    payload = self.source.read_view(draw[0])
+    index = _record(self.labelled, draw)
+    payload = self.source.read_view(index)
     if payload is None:
       return _CORRUPT
-    image = self.source.decode_image(draw[0], payload)
-    return {"image": crop_site(image, draw, self.size).copy()}
+    crop = {"image": crop_site(self.source.decode_image(index, payload), draw, self.size).copy()}
+    if self.labelled is not None:
+      crop["label"] = self.labelled.classes[draw[0]]
+    return crop
 
 
 class _SkipCorruptBatchDataset(grain.IterDataset):
@@ -181,14 +210,15 @@ class _SkipCorruptBatchIterator(grain.DatasetIterator):
     self._batch_size = batch_size
 
   def __next__(self):
-    images, skipped = [], 0
-    while len(images) < self._batch_size:
+    crops, skipped = [], 0
+    while len(crops) < self._batch_size:
       element = next(self._parent)
       if "image" in element:
-        images.append(element["image"])
+        crops.append(element)
       else:
         skipped += 1
-    return {"image": np.stack(images), "num_skipped": np.int64(skipped)}
+    batch = {k: np.stack([c[k] for c in crops]) for k in crops[0]}
+    return dict(batch, num_skipped=np.int64(skipped))
 
   # Nothing is buffered between calls, so the parent's state is exact.
   def get_state(self):
@@ -202,7 +232,8 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
                   seed: int = 0, process_index: int = 0, process_count: int = 1,
                   augment: bool = False, verify_crc: bool = True,
                   skip_corrupt: bool = False, expect_channels=None, expect_dtype=None,
-                  read_threads: int = 2, read_buffer: int = 2) -> grain.IterDataset:
+                  labels: np.ndarray | None = None, read_threads: int = 2,
+                  read_buffer: int = 2) -> grain.IterDataset:
   """Endless, deterministic stream of this process's local training batches.
 
   Yields {"image": (global_batch_size // process_count, crop, crop, C)} in the
@@ -210,8 +241,10 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
   random crop; process p takes positions p, p + P, ... of that stream. With
   skip_corrupt=True corrupt records are dropped, and each batch also carries
   "num_skipped" (int64 scalar: records dropped while filling it; pop it before
-  making jax.Arrays). read_threads and read_buffer (batches) set grain's
-  ReadOptions in each process.
+  making jax.Arrays). With `labels` (the int32 class of every record, -1 for
+  records not to train on; mae_jax/data/labels.py) only labelled records are
+  drawn and batches also hold their (local_batch,) int32 "label". read_threads
+  and read_buffer (batches) set grain's ReadOptions in each process.
   """
   if global_batch_size % process_count:
     raise InputError(f"global batch size {global_batch_size} is not divisible by "
@@ -223,19 +256,26 @@ def train_dataset(manifest_path, *, global_batch_size: int, crop_size: int = 256
                                   skip_corrupt=skip_corrupt)
   _check_fits(manifest_path, manifest, crop_size, "crop size")
   local_batch = global_batch_size // process_count
+  labelled = None
+  if labels is not None:
+    if len(labels) != len(source):
+      raise InputError(f"{records.manifest_path(manifest_path)}: {len(source)} records but "
+                       f"{len(labels)} labels")
+    labelled = Labelled.of(np.asarray(labels))
   # Slice after drawing, so processes don't read neighbouring records in
   # lockstep and each crop's draw is keyed by its global position. Records are
   # read inside the batch function, one at a time into a reused buffer.
-  draws = grain.MapDataset.source(ShuffledDraws(len(source), seed, augment))
+  count = len(source) if labelled is None else len(labelled.records)
+  draws = grain.MapDataset.source(ShuffledDraws(count, seed, augment))
   draws = draws[process_index::process_count]
   if skip_corrupt:
     # Dropping records moves batch boundaries: batch after the element stream.
-    crops = draws.map(ReadCrop(source, crop_size)).to_iter_dataset(grain.ReadOptions(
+    crops = draws.map(ReadCrop(source, crop_size, labelled)).to_iter_dataset(grain.ReadOptions(
         num_threads=read_threads,
         prefetch_buffer_size=max(read_buffer * local_batch, read_threads)))
     return _SkipCorruptBatchDataset(crops, local_batch)
   batches = draws.batch(local_batch, drop_remainder=True,
-                        batch_fn=CropBatch(source, crop_size))
+                        batch_fn=CropBatch(source, crop_size, labelled))
   return batches.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=max(read_buffer, read_threads)))
 

@@ -288,7 +288,7 @@ def loss_evaluation(paths, model_cfg, seed, steps):
 
     @jax.jit
     def evaluate(state, images, key):
-      loss, aux = nnx.merge(graphdef, state)(images, key)
+      loss, aux = nnx.merge(graphdef, state)({"image": images}, key)
       zero, _, _ = mae.reconstruction_loss(jnp.zeros_like(aux["target"]), aux["target"],
                                            aux["mask"], p, fw)
       return loss, aux["mse"], zero, aux

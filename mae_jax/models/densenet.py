@@ -203,6 +203,21 @@ class DenseNetWSL(nnx.Module):
     accuracy = (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
     return loss, dict(cross_entropy=nll.mean(), accuracy=accuracy)
 
+  def batch_statistics(self, images):
+    """AdaBN (Li et al. 2016): every BatchNorm's statistics of `images` alone (batch mean and
+    unbiased variance, train mode), as a pure dict shaped like the model's BatchStats.
+
+    Overwrites this model's running statistics: call it on a copy (`nnx.merge(..., copy=True)`).
+    From zero running statistics one train-mode update leaves (1 - decay) x the batch's.
+    """
+    for _, module in nnx.iter_modules(self):
+      if isinstance(module, BatchNorm):
+        module.mean[...] = jnp.zeros_like(module.mean[...])
+        module.var[...] = jnp.zeros_like(module.var[...])
+    self.features(images, frozen=False)
+    return jax.tree.map(lambda v: v / (1 - BN_DECAY),
+                        nnx.state(self, nnx.BatchStat).to_pure_dict())
+
   def embed(self, images, *, pooling="mean", block=None):
     """The WSL embedding: pooled features after the final BatchNorm + ReLU, running statistics.
 

@@ -5,8 +5,10 @@ weighted sum a v, attention output, MLP, decoder embedding, decoder blocks, pred
 Ignored: LayerNorms, softmax, GELU, the FFT of the loss, masking gathers (all O(N d), < 1 %).
 A train step is forward + backward = 3 x forward. The MAE forward runs the encoder on the kept
 tokens + CLS and the decoder on all tokens + CLS (docs/science.md §1.7). ViT-S/16: train 52.8 GFLOP
-per image, embedding 12.4, as an independent count of the same matmuls gives.
+per image, embedding 12.4, as an independent count of the same matmuls gives. The MU-Net's and the
+DenseNet's convolutions are counted the same way (`_munet_flops`, `densenet.flops_per_image`).
 """
+from mae_jax.models import densenet
 
 
 def _encoder_block(n, d, h):
@@ -25,9 +27,12 @@ def tokens(cfg, channels=None):
 
 
 def flops_per_image(cfg, channels=None) -> dict:
-  """FLOPs of one image: `train` (fwd + bwd of the masked MAE) and `embed` (encoder, no masking)."""
-  if cfg.get("kind", "mae") == "munet":
+  """FLOPs of one image: `train` (fwd + bwd of the training loss) and `embed` (encoder, no masking)."""
+  kind = cfg.get("kind", "mae")
+  if kind == "munet":
     return _munet_flops(cfg)
+  if kind == "wsl":
+    return densenet.flops_per_image(cfg)
   c = cfg.channels if channels is None else channels
   n, keep = tokens(cfg, c)
   patch_in = cfg.patch_size ** 2 * (1 if cfg.channel_agnostic else c)

@@ -1,6 +1,6 @@
 """The masked autoencoder of Kraus et al. (arXiv 2309.16064) in one file, after facebookresearch/mae.
 
-    loss, aux = model(images, key)          # training: mask, encode, decode, loss
+    loss, aux = model({"image": images}, key)   # training: mask, encode, decode, loss
     emb = model.embed(images)               # evaluation: no masking, mean of patch tokens
 
 `images` are raw uint8/uint16 crops (B, H, W, C). Each crop is self-standardised per channel
@@ -197,10 +197,10 @@ class MAE(nnx.Module):
     return nnx.remat(lambda b, y: b(y, *args))(blk, x)
 
   # -- public -------------------------------------------------------------------------------------
-  def __call__(self, images, key, *, mask_ratio=None):
-    """Training forward: returns (loss, aux) with aux = mse, fourier, pred, target, mask."""
+  def __call__(self, batch, key, *, mask_ratio=None):
+    """Training forward on batch["image"]: (loss, aux) with aux = mse, fourier, pred, target, mask."""
     mask_key, drop_key = jax.random.split(key)
-    x = standardize(images)
+    x = standardize(batch["image"])
     tokens, target, c = self._tokens(x)
     ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
     ids_keep, ids_restore, mask = random_masking(mask_key, tokens.shape[0], tokens.shape[1], ratio)

@@ -1,6 +1,6 @@
 """MU-Net: the convolutional masked autoencoder of Kraus et al. (arXiv 2309.16064, §3), a U-Net.
 
-    loss, aux = model(images, key)        # training: mask patches, reconstruct, MAE loss
+    loss, aux = model({"image": images}, key)   # training: mask patches, reconstruct, MAE loss
     emb = model.embed(images)             # evaluation: no masking, pooled bottleneck features
 
 The paper names MU-Net-M and -L without publishing the layers; this is the textbook U-Net
@@ -33,10 +33,13 @@ he = nnx.initializers.he_normal()  # fan-in scaled for GELU/ReLU convolutions
 class Conv(nnx.Module):
   """k x k convolution (stride 1, same padding) or, with `transpose`, a 2x2 stride-2 upsampling."""
 
-  def __init__(self, cin, cout, k, *, rngs, dtype, transpose=False):
+  def __init__(self, cin, cout, k, *, rngs, dtype, transpose=False, split=(True, True)):
+    # split: whether the (input, output) channels are sharded. Not the crop's 6 (+ mask) input
+    # channels nor the head's 6 outputs: they divide no mesh axis, and those kernels are tiny.
     self.dtype, self.transpose = dtype, transpose
-    self.kernel = param(rngs, he, (k, k, cin, cout), (None, None, "conv_in", "conv_out"))
-    self.bias = param(rngs, vit.zeros, (cout,), ("conv_out",))
+    names = tuple(n if s else None for n, s in zip(("conv_in", "conv_out"), split))
+    self.kernel = param(rngs, he, (k, k, cin, cout), (None, None) + names)
+    self.bias = param(rngs, vit.zeros, (cout,), names[1:])
 
   def __call__(self, x):
     w = self.kernel[...].astype(self.dtype)
@@ -69,8 +72,8 @@ class GroupNorm(nnx.Module):
 class ConvBlock(nnx.Module):
   """(3x3 conv -> GroupNorm -> GELU) twice: one U-Net level."""
 
-  def __init__(self, cin, cout, groups, *, rngs, dtype):
-    self.conv1 = Conv(cin, cout, 3, rngs=rngs, dtype=dtype)
+  def __init__(self, cin, cout, groups, *, rngs, dtype, stem=False):
+    self.conv1 = Conv(cin, cout, 3, rngs=rngs, dtype=dtype, split=(not stem, True))
     self.norm1 = GroupNorm(cout, groups, rngs=rngs)
     self.conv2 = Conv(cout, cout, 3, rngs=rngs, dtype=dtype)
     self.norm2 = GroupNorm(cout, groups, rngs=rngs)
@@ -88,7 +91,7 @@ def max_pool(x):
 
 
 class MUNet(nnx.Module):
-  """U-Net masked autoencoder; `model(images, key)` and `model.embed(images)` as `mae.MAE`."""
+  """U-Net masked autoencoder; `model(batch, key)` and `model.embed(images)` as `mae.MAE`."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, remat=False):
     cfg = ml_collections.FrozenConfigDict(cfg)
@@ -98,14 +101,14 @@ class MUNet(nnx.Module):
     self.cfg, self.dtype, self.remat = cfg, dtype, bool(remat)
     widths, g = level_widths(cfg), cfg.norm_groups
     ins = (cfg.channels + 1,) + widths[:-2]  # + 1: the mask plane
-    self.down = nnx.List([ConvBlock(i, o, g, rngs=rngs, dtype=dtype)
-                          for i, o in zip(ins, widths[:-1])])
+    self.down = nnx.List([ConvBlock(i, o, g, rngs=rngs, dtype=dtype, stem=not n)
+                          for n, (i, o) in enumerate(zip(ins, widths[:-1]))])
     self.bottleneck = ConvBlock(widths[-2], widths[-1], g, rngs=rngs, dtype=dtype)
     self.up = nnx.List([Conv(widths[i + 1], widths[i], 2, rngs=rngs, dtype=dtype, transpose=True)
                         for i in reversed(range(cfg.levels))])
     self.up_blocks = nnx.List([ConvBlock(2 * widths[i], widths[i], g, rngs=rngs, dtype=dtype)
                                for i in reversed(range(cfg.levels))])
-    self.head = Conv(widths[0], cfg.channels, 1, rngs=rngs, dtype=dtype)
+    self.head = Conv(widths[0], cfg.channels, 1, rngs=rngs, dtype=dtype, split=(True, False))
 
   def _run(self, blk, x):
     return nnx.remat(lambda b, y: b(y))(blk, x) if self.remat else blk(x)
@@ -122,10 +125,10 @@ class MUNet(nnx.Module):
   def _inputs(self, x, pixel_mask):
     return jnp.concatenate([x * (1.0 - pixel_mask), pixel_mask], axis=-1).astype(self.dtype)
 
-  def __call__(self, images, key, *, mask_ratio=None):
+  def __call__(self, batch, key, *, mask_ratio=None):
     """Training forward: (loss, aux) with aux = mse, fourier, pred, target, mask (as the MAE)."""
     cfg, p = self.cfg, self.cfg.patch_size
-    x = constrain(mae.standardize(images), ("batch", None, None, None))
+    x = constrain(mae.standardize(batch["image"]), ("batch", None, None, None))
     b, h, w, _ = x.shape
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     _, _, mask = mae.random_masking(key, b, (h // p) * (w // p), ratio)

@@ -100,9 +100,9 @@ class Checkpointer:
                           f"resume with that process count (the device count may change) or "
                           f"use a new workdir")
 
-  def stacked_layers(self, step: int) -> bool | None:
+  def stacked_layers(self, step: int, model_cfg) -> bool | None:
     """Whether the checkpoint of `step` stores stacked blocks (model.scan_layers) or per-layer."""
-    return stacked_layers(self.directory / str(step) / "state")
+    return stacked_layers(self.directory / str(step) / "state", model_cfg)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any process got a preemption notice."""
@@ -160,14 +160,16 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def stacked_layers(state_dir) -> bool | None:
+def stacked_layers(state_dir, model_cfg) -> bool | None:
   """Whether a saved train state (a step's state/ folder) has stacked blocks, read from Orbax's
   tree metadata: per-layer blocks are saved as {"blocks": {"0": ..., "1": ...}}. None for a
-  model without transformer blocks (MU-Net).
+  model without transformer blocks (MU-Net, the DenseNet, whose "blocks" are dense blocks).
 
   The checkpoint itself says, not config.json: a run converted on resume keeps its older,
   per-layer steps beside the newer stacked ones.
   """
+  if registry.kind(model_cfg) != "mae":
+    return None
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(epath.Path(state_dir))
   tree = getattr(meta, "item_metadata", meta)
@@ -177,15 +179,15 @@ def stacked_layers(state_dir) -> bool | None:
 
 
 def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = None, dtype=None):
-  """(MAE with restored parameters, run config) from a WORKDIR, checkpoints/ or a step folder.
+  """(model with restored parameters, run config) from a WORKDIR, checkpoints/ or a step folder.
 
-  Only the model's variables are read (no optimiser state). They land replicated on `mesh`
+  Only the model's variables are read: parameters and BatchNorm statistics, no optimiser state. They land replicated on `mesh`
   (default: a 1-device mesh of the first local device); compute runs in `dtype` (default: the
   run's `precision`). The result is ready for `model.embed(images)`.
   """
   workdir, step_dir = resolve(ckpt_path, step)
   config = read_config(workdir)
-  stacked = stacked_layers(step_dir / "state")
+  stacked = stacked_layers(step_dir / "state", config.model)
   if stacked is not None:
     config.model.scan_layers = stacked  # this step's layout, whatever config.json says now
   rules = sharding.normalize_rules(config.sharding_rules)
@@ -193,15 +195,17 @@ def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = Non
   dtype = dtype or mae.compute_dtype(config.get("precision", "float32"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: registry.build_model(config.model, seed=0, dtype=dtype))
-  graphdef, abstract_state = nnx.split(abstract)
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   replicated = NamedSharding(mesh, P())
-  target = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                 sharding=replicated),
-                                  abstract_state.to_pure_dict())}
+  place = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree.to_pure_dict())
+  target = {"model": place(params)}
+  if jax.tree.leaves(stats):  # BatchNorm running statistics (train state "stats", step.py)
+    target["stats"] = place(stats)
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   logging.info("restored model parameters of %s (no optimiser state)", step_dir)
-  model = nnx.merge(graphdef, restored["model"])
+  model = nnx.merge(graphdef, restored["model"], restored.get("stats", {}))
   return model, config

@@ -1,4 +1,4 @@
-"""MAE pre-training on any mesh, big_vision style: the phases of a run from top to bottom.
+"""Training on any mesh, big_vision style: the phases of a run from top to bottom.
 
     result = train_and_evaluate(config, workdir)   # {"step", "loss", "status", ...}
     result = dry_run(config)                       # sharded abstract state + lowered step
@@ -21,8 +21,8 @@ from etils import epath
 
 from mae_jax.models import flops, mae
 from mae_jax.train import ConfigError, batches, checkpointing, metrics, sharding
-from mae_jax.train.step import (build_state, check_batch, jit_train_step, lower_train_step,
-                                 mesh_context)
+from mae_jax.train.step import (batch_shardings, build_state, check_batch, jit_train_step,
+                                 lower_train_step, mesh_context)
 from mae_jax.util import files
 
 
@@ -100,13 +100,14 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
+  record_ids = batches.record_labels(config, workdir)  # sets a classifier's model.num_classes
   write_config(config, workdir, resuming=latest is not None, mesh=mesh)
 
   data = None
   try:
     with mesh_context(mesh, rules):
       # Data.
-      data, what = batches.make_batches(config, sharding.batch_sharding(mesh, rules))
+      data, what = batches.make_batches(config, batch_shardings(config, mesh), record_ids)
       metrics.print_primary(what)
 
       # State: restore onto this mesh, or initialise directly sharded.
@@ -142,7 +143,7 @@ def _restore(ckpt, step: int, config, mesh, abstract, data_iter):
   for scan_layers, or per layer as before scanned layers) is restored as it is, then converted
   (parameters and optimiser moments) and placed with the new shardings.
   """
-  stacked = ckpt.stacked_layers(step)  # None: a model without transformer blocks
+  stacked = ckpt.stacked_layers(step, config.model)  # None: a model without transformer blocks
   if stacked is None or stacked == bool(config.model.get("scan_layers", False)):
     return ckpt.restore(step, abstract, data_iter)
   saved = config.copy_and_resolve_references()

@@ -17,6 +17,10 @@ def print_primary(*args):
     print(*args, flush=True)
 
 
+_NOT_TERMS = {"step", "loss", "lr", "grad_norm", "step_time_s", "images_per_s", "gflops_per_s",
+              "mfu", "skipped_records"}
+
+
 class MetricsLog:
   """metrics.jsonl + TensorBoard (tb/) + a progress line; written by process 0 only.
 
@@ -63,9 +67,10 @@ class MetricsLog:
     rate = f" {record['images_per_s']:.1f} img/s {record['step_time_s']:.3f} s/step" \
         if "images_per_s" in record else ""
     mfu = f" mfu {record['mfu']:.3f}" if "mfu" in record else ""
-    print(f"step {record['step']}/{self.total} loss {record['loss']:.5f} mse "
-          f"{record['mse']:.5f} fourier {record['fourier']:.4f} lr {record['lr']:.3g} "
-          f"grad_norm {record['grad_norm']:.3f}{rate}{mfu}", flush=True)
+    # The model kind's own terms (mse/fourier, or cross_entropy/accuracy), in the step's order.
+    terms = "".join(f" {k} {v:.5g}" for k, v in record.items() if k not in _NOT_TERMS)
+    print(f"step {record['step']}/{self.total} loss {record['loss']:.5f}{terms} lr "
+          f"{record['lr']:.3g} grad_norm {record['grad_norm']:.3f}{rate}{mfu}", flush=True)
 
   def close(self):
     if self.writer is not None:
