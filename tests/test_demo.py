@@ -95,6 +95,19 @@ def test_rerun_reuses_every_stage(tiny_run):
   assert after["methods"] == before["methods"] and after["by_step"] == before["by_step"]
 
 
+def test_the_maps_eval_dir_opens_in_eval_explore(tiny_run, tmp_path):
+  """The demo's headline map (TVN + arm correction) is an eval.recall folder: eval.explore pages it."""
+  tmp, _ = tiny_run
+  maps = sorted((tmp / "out" / "runs").glob("*/recall/step_*/tvn/gene_embeddings.npz"))
+  assert maps, list((tmp / "out").rglob("tvn"))
+  page = tmp_path / "map.html"
+  proc = subprocess.run([sys.executable, "-m", "eval.explore", f"--map={maps[-1].parent}",
+                         f"--out={page}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["genes"] == 40
+  assert page.stat().st_size > 100_000
+
+
 def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path):
   """The default path: a probe times real steps and the budget sets total_steps; the new run
   joins the earlier one in the scaling figure and README runs table."""

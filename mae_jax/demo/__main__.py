@@ -254,10 +254,12 @@ def score(paths, emb_path, out_dir, shared):
                       expression=recall.load_expression(paths["expression"]))
       emb, meta = stages.load_wells(emb_path)
       result = recall.score_wells(emb, meta, **shared, **options)
-      os.makedirs(target, exist_ok=True)
-      data = recall.public(result)
-      data["settings"]["expression"] = paths["expression"]
-      stages.write_json(done, data)
+      result["settings"]["expression"] = paths["expression"]
+      if name == "tvn":  # the headline map, browsable: python -m eval.explore --map=TARGET
+        recall.write_outputs(result, target)
+      else:
+        os.makedirs(target, exist_ok=True)
+        stages.write_json(done, recall.public(result))
     results[name] = stages.read_json(done)
   return results
 
