@@ -33,6 +33,7 @@ setup(
         "pyarrow>=15",
         "scipy>=1.11",
         "portpicker>=1.6",
+        "safetensors>=0.4",  # mae_jax.weights: official PyTorch weights in and out (numpy only)
         "plotly>=6.0",  # eval.explore: the map page (plotly.js inlined)
     ],
     extras_require={

@@ -48,7 +48,15 @@ def get_config(variant="S/16", **overrides):
   c.precision = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
   c.remat = False  # rematerialise each transformer block in the backward pass
   c.dry_run = False  # build the sharded abstract state, lower the step, print memory, exit
+  # A run's WORKDIR (or step folder) whose model parameters a NEW run starts from, optimiser fresh:
+  # fine-tuning or continued pre-training, e.g. of official weights (python -m mae_jax.weights
+  # import). Ignored on resume: the run's own checkpoint wins.
+  c.init_from = config_dict.placeholder(str)
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = unknown (MFU is then left out of the metrics)
+  # A resume that changes total_steps or the optimizer's lr, warmup_fraction, div_factor or
+  # final_div_factor reshapes the one-cycle schedule mid-run (docs/science.md §2.3): refused
+  # unless this is True (mae_jax/train/loop.py: write_config).
+  c.allow_schedule_change = False
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 fills the devices
   c.sharding_rules = SHARDING_RULES

@@ -34,13 +34,12 @@ import sys
 import time
 
 import numpy as np
-import tqdm
 
 from data_prep import layouts
 from data_prep.layouts import common
 from data_prep.layouts.common import ConvertError, Site
 from mae_jax.data import records
-from mae_jax.util import cli, files
+from mae_jax.util import cli, files, progress as progress_lib
 
 STATS_SUFFIX = ".stats.json"
 PLAN_VERSION = 1
@@ -83,11 +82,21 @@ def plan(sites: list[Site], sites_per_shard: int, expect: dict) -> list[Task]:
   return tasks
 
 
-def probe(layout: str, site: Site, image_size: int) -> dict:
-  """Size and bit depth every site must have, from the flags and the first site."""
+def probe(layout: str, site: Site, image_size: int, declared: dict | None = None,
+          flag: int | None = None) -> dict:
+  """Size and bit depth every site must have, from the flags, the screen's own metadata
+  (`declared`: layouts.declared_format) and the first site; `flag` is the --image_size given."""
   image = next(layouts.iter_images([site]))[1]
   h, w, c = image.shape
   where = f"site {site.key} ({common.describe(site.sources[0])})"
+  if declared and flag and flag != declared["image_size"] and (h, w) != (flag, flag):
+    size = declared["image_size"]
+    raise ConvertError(f"--image_size={flag} but {declared['path']} says this screen's sites are "
+                       f"{size}x{size} (and {where} is {h}x{w}): drop --image_size to use the "
+                       f"screen's own size")
+  if declared and image.dtype.name != declared["dtype"]:
+    raise ConvertError(f"{where}: {image.dtype}, but {declared['path']} says the screen is "
+                       f"{declared['dtype']}")
   if image_size and (h, w) != (image_size, image_size):
     raise ConvertError(f"{where}: {h}x{w}, expected {image_size}x{image_size} "
                        f"(--image_size={image_size}; 0 accepts any multiple of 256)")
@@ -254,7 +263,7 @@ def _manifest(layout, root, sites, tasks, stats, expect, flags) -> dict:
 def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard: int = 256,
             image_size: int | None = None, limit: int = 0, metadata: str | None = None,
             channel_columns=None, skip_missing_plates: bool = False,
-            progress: str = "auto") -> dict:
+            progress: str = "auto", progress_every: float = 30.0) -> dict:
   """Converts (or finishes converting) a screen; returns the summary printed by the CLI.
 
   With workers > 1 it starts `spawn` processes, so a calling script needs the usual
@@ -263,14 +272,16 @@ def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard:
   t0 = time.time()
   if not os.path.exists(root):
     raise ConvertError(f"--root {root}: no such file or folder")
+  # An explicit --image_size wins; else the screen's own metadata, else the layout's real size.
+  declared, flag = layouts.declared_format(layout, root), image_size
   if image_size is None:
-    image_size = layouts.REAL_SIZE[layout] or 0
+    image_size = declared["image_size"] if declared else layouts.REAL_SIZE[layout] or 0
   sites = layouts.list_sites(layout, root, metadata, channel_columns, skip_missing_plates)
   if limit:
     sites = sites[:limit]
   if not sites:
     raise ConvertError(f"{root}: no sites found for layout {layout}")
-  expect = probe(layout, sites[0], image_size)
+  expect = probe(layout, sites[0], image_size, declared, flag)
   tasks = plan(sites, sites_per_shard, expect)
 
   os.makedirs(os.path.join(out, "shards"), exist_ok=True)
@@ -282,8 +293,9 @@ def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard:
       if f.startswith(base + ".") and ".tmp" in f:
         os.remove(os.path.join(folder, f))
   done_sites = sum(len(t.sites) for t, s in zip(tasks, stats) if s)
-  bar = tqdm.tqdm(total=len(sites), initial=done_sites, unit="site", file=sys.stderr,
-                  disable={"auto": None, "on": False, "off": True}[progress], smoothing=0.1)
+  # A bar on a terminal, else a line every `progress_every` s (mae_jax/util/progress.py).
+  bar = progress_lib.Progress(len(sites), initial=done_sites, unit="site",
+                              desc="data_prep.convert", mode=progress, every=progress_every)
   try:
     new = _run([tasks[i] for i in todo], out, expect, workers, bar)
   finally:
@@ -342,7 +354,9 @@ def main(argv=None) -> int:
                  help="parallel processes, one shard each (default: all cores)")
   p.add_argument("--sites_per_shard", type=_positive, default=256)
   p.add_argument("--image_size", type=_nonneg, default=None,
-                 help="expected square site size; default the layout's real size (rxrx1 512, "
+                 help="expected square site size; default the size the screen's own metadata "
+                      "states (ROOT/ground_truth/screen.json of data_prep.synthetic), else the "
+                      "layout's real size (rxrx1 512, "
                       "rxrx3 2048, rxrx3_core 512; manifest 0). 0 accepts any height and width "
                       "that are multiples of 256. At the real size the real bit depth is checked "
                       "too (rxrx1/rxrx3_core 8-bit, rxrx3 16-bit); otherwise all sites must "
@@ -357,7 +371,8 @@ def main(argv=None) -> int:
                  help="rxrx1/rxrx3: drop metadata rows whose plate folder is absent (partial "
                       "downloads) instead of failing")
   p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                 help="tqdm bar on stderr (auto: when stderr is a terminal)")
+                 help="progress on stderr: a tqdm bar (auto: when stderr is a terminal; "
+                      "otherwise a line with done/total, rate and ETA every 30 s)")
   args = p.parse_args(argv)
   cols = [c.strip() for c in args.channel_columns.split(",")] if args.channel_columns else None
   if cols is not None and args.layout != "manifest":

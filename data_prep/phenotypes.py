@@ -18,7 +18,8 @@ gene-pair graph and real chromosome arms, so recall and arm correction have some
   genes declared unexpressed are drawn from genes really unexpressed in U2OS when possible.
 * A well's latent = its gene's latent + guide noise (shared by the guide's wells) + well noise;
   controls have well noise only. A fixed random mixing maps a latent to the renderer's
-  morphology parameters, so each latent dimension moves many features.
+  morphology parameters, so each latent dimension moves many features (the morphology style,
+  styles.py, chooses the parameters and may thin the mixing; the latents do not depend on it).
 """
 import dataclasses
 
@@ -227,8 +228,12 @@ class Phenotypes:
   mixing: np.ndarray          # (F, D) latent -> logits of render.PARAMS
 
 
-def gene_phenotypes(gs, rng, dim=LATENT_DIM):
-  """Latent vector per gene: modules + private part (expressed genes only) + arm component."""
+def gene_phenotypes(gs, rng, dim=LATENT_DIM, n_params=None):
+  """Latent vector per gene: modules + private part (expressed genes only) + arm component.
+
+  ``n_params``: rows of the mixing (default: render.PARAMS); drawn last, so the latents are
+  the same whatever it is.
+  """
   genes, m = gs.genes, len(gs.modules)
   index = {g: i for i, g in enumerate(genes)}
   module_vectors = _directions(rng, m, dim) * rng.uniform(*MODULE_NORM, (m, 1))
@@ -243,7 +248,7 @@ def gene_phenotypes(gs, rng, dim=LATENT_DIM):
   arms = sorted(set(gs.arm.values()))
   arm_vectors = _directions(rng, len(arms), dim) * ARM_NORM
   arm_component = arm_vectors[[arms.index(gs.arm[g]) for g in genes]]
-  mixing = rng.standard_normal((len(render.PARAMS), dim))
+  mixing = rng.standard_normal((n_params or len(render.PARAMS), dim))
   return Phenotypes(genes=genes, latent=phenotype + arm_component, arm_component=arm_component,
                     arms=arms, arm_vectors=arm_vectors, module_vectors=module_vectors,
                     membership=membership, mixing=mixing)
@@ -264,10 +269,14 @@ def well_latents(ph, well_genes, well_guides, rng):
   return out + rng.standard_normal(out.shape) * WELL_NORM / np.sqrt(dim)
 
 
-def latent_to_params(latent, mixing):
-  """Latents (N, D) -> list of render-parameter dicts, each parameter a sigmoid around its base."""
-  names = list(render.PARAMS)
-  lo, hi, base = (np.array([render.PARAMS[k][i] for k in names]) for i in range(3))
+def latent_to_params(latent, mixing, params=None):
+  """Latents (N, D) -> list of render-parameter dicts, each parameter a sigmoid around its base.
+
+  ``params``: name -> (low, high, base) (default: render.PARAMS), one per row of ``mixing``.
+  """
+  params = params or render.PARAMS
+  names = list(params)
+  lo, hi, base = (np.array([params[k][i] for k in names]) for i in range(3))
   b = (base - lo) / (hi - lo)
   logits = np.log(b / (1 - b)) + np.atleast_2d(latent) @ mixing.T
   values = lo + (hi - lo) / (1 + np.exp(-logits))

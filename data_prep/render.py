@@ -13,6 +13,9 @@ field (no per-cell Python loop).
 The gene signal is meant to live in morphology, texture and cross-channel layout, so each clean
 channel is scaled to a fixed mean before the batch effects: the mean intensity of a channel then
 carries the plate and well effects, not the phenotype.
+
+This is the screen's ``default`` morphology style; styles.py holds the others, which reuse the
+drawing helpers and the batch effects (apply_effects) here.
 """
 import functools
 import struct
@@ -151,11 +154,9 @@ def _to_field(cells, u, v):
   return cells["cy"] + u * s + v * c, cells["cx"] + u * c - v * s
 
 
-def _seed_cells(p, size, rng):
-  """Per-cell parameters: centres (no two nuclei overlap) and jittered shape parameters."""
-  n_target = max(3, rng.poisson(p["density"] * (size / REFERENCE_SIZE) ** 2))
-  dmin2 = (2.1 * p["nucleus_radius"]) ** 2
-  cand = rng.uniform(0, size, (6 * n_target, 2)).astype(np.float32)
+def keep_apart(cand, n_target, dmin2):
+  """The first ``n_target`` candidate centres (float32, (N, 2)) that keep squared distance
+  ``dmin2`` from every centre kept before them (so no two nuclei overlap)."""
   kept = np.empty((n_target, 2), np.float32)
   n = 0
   for pt in cand:
@@ -165,6 +166,15 @@ def _seed_cells(p, size, rng):
     n += 1
     if n == n_target:
       break
+  return kept[:n]
+
+
+def _seed_cells(p, size, rng):
+  """Per-cell parameters: centres (no two nuclei overlap) and jittered shape parameters."""
+  n_target = max(3, rng.poisson(p["density"] * (size / REFERENCE_SIZE) ** 2))
+  cand = rng.uniform(0, size, (6 * n_target, 2)).astype(np.float32)
+  kept = keep_apart(cand, n_target, (2.1 * p["nucleus_radius"]) ** 2)
+  n = len(kept)
   mitotic = rng.random(n) < p["mitotic_fraction"]
   spread = (1.0 - p["cell_alignment"]) * np.pi
   elong = p["cell_elongation"] * rng.lognormal(0, 0.15, n)
@@ -220,11 +230,16 @@ def _binomial_blur(img):
   return out
 
 
-def render_clean(p, size, rng):
-  """Noise-free channels (6, size, size) float32 for well parameters ``p``, mean-normalised."""
+def cell_geometry(cells, size, rng, ruffle=0.12):
+  """Per-pixel maps of a field of cells: Voronoi territories around the nuclei, limited by each
+  cell's ellipse with an outline wobble of relative amplitude ``ruffle``.
+
+  Returns a dict: ``lab`` (cell id per pixel), ``body`` and ``nuc`` (soft cell and nucleus
+  masks), ``envelope`` (the nuclear rim), ``cyto``, ``dist_nuc`` (pixels beyond the nuclear
+  edge), ``edges`` (borders between territories) and ``outline`` (the cell ellipse's edge).
+  """
   y, x = _grid(size)
   banks = _banks(size)
-  cells = _seed_cells(p, size, rng)
   n = len(cells["cy"])
   seeds = np.ones((size, size), bool)
   iy = np.clip(np.rint(cells["cy"]).astype(int), 0, size - 1)
@@ -239,7 +254,7 @@ def render_clean(p, size, rng):
   dy, dx = y - cells["cy"][lab], x - cells["cx"][lab]
   c, s = np.cos(cells["theta"])[lab], np.sin(cells["theta"])[lab]
   u, v = dx * c + dy * s, -dx * s + dy * c
-  wobble = 1.0 + 0.12 * _crop(banks["wobble"], size, _crop_spec(size, rng))
+  wobble = 1.0 + ruffle * _crop(banks["wobble"], size, _crop_spec(size, rng))
   rcell = np.sqrt((u / cells["A"][lab]) ** 2 + (v / cells["B"][lab]) ** 2) / wobble
   r_pix = cells["R"][lab]
   body = np.clip((1.0 - rcell) * r_pix / 2.0 + 0.5, 0, 1)
@@ -253,6 +268,18 @@ def render_clean(p, size, rng):
   edges[1:] += lab[1:] != lab[:-1]
   edges[:, 1:] += lab[:, 1:] != lab[:, :-1]
   outline = np.exp(-(((rcell - 1.0) * r_pix) / 1.2) ** 2) * (rnuc > 1)
+  return {"lab": lab, "body": body, "nuc": nuc, "envelope": envelope, "cyto": cyto,
+          "dist_nuc": dist_nuc, "edges": edges, "outline": outline}
+
+
+def render_clean(p, size, rng):
+  """Noise-free channels (6, size, size) float32 for well parameters ``p``, mean-normalised."""
+  banks = _banks(size)
+  cells = _seed_cells(p, size, rng)
+  n = len(cells["cy"])
+  geo = cell_geometry(cells, size, rng)
+  lab, body, nuc, envelope = geo["lab"], geo["body"], geo["nuc"], geo["envelope"]
+  cyto, dist_nuc, edges, outline = geo["cyto"], geo["dist_nuc"], geo["edges"], geo["outline"]
   grow = ~cells["mitotic"]
   scale = (cells["R"] / PARAMS["cell_radius"][2]) ** 2  # organelle counts grow with cell area
 

@@ -1,6 +1,7 @@
 r"""Writes an embedded synthetic CRISPR screen in the RxRx3 file layout, with its ground truth.
 
-  python -m data_prep.synthetic --out=synth [--genes=300] [--seed=0] [--workers=2]
+  python -m data_prep.synthetic --out=synth [--genes=300] [--seed=0] [--workers=2] \
+      [--style=default|granular]
 
 Layout (docs/data_layouts.md §2, §6): OUT/metadata.csv (the 10 RxRx3 columns), 16-bit PNGs at
 OUT/images/{experiment_name}/Plate{plate}/{address}_s1_w{1..6}.png on 1536-well plates
@@ -12,11 +13,12 @@ plus --controls_per_plate EMPTY_control wells per plate (TVN fits on them, and n
 wells per experiment than embedding dimensions, docs/science.md §6). Batch effects are per experiment
 and per plate (per-channel gain and background, illumination falloff, defocus, noise level), with
 a gradient across the plate and a little per-well jitter. The biology is in phenotypes.py and the
-pixels in render.py.
+pixels in render.py; --style picks how cells look and how a gene's latent acts on them (styles.py),
+with the same genes, modules, wells, latents and batch effects in every style.
 
 Same flags and seed -> the same bytes, whatever --workers. Wells whose six PNGs exist are skipped,
 so an interrupted run is finished by rerunning it; metadata.csv and ground_truth/ are written
-last. The last stdout line is one JSON object with counts.
+last. The last stdout line is one JSON object with counts and the style.
 """
 import argparse
 import csv
@@ -34,6 +36,7 @@ import numpy as np
 
 from data_prep import phenotypes
 from data_prep import render
+from data_prep import styles
 from mae_jax.util import cli, files
 from mae_jax.util.errors import UserError
 
@@ -97,8 +100,10 @@ def design(args):
   """Genes, phenotypes and the well table (with each well's render parameters and effects)."""
   streams = [np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(5)]
   rng_genes, rng_latent, rng_layout, rng_effects, rng_wells = streams
+  style = styles.get(getattr(args, "style", styles.DEFAULT))
   gs = phenotypes.select_genes(args.genes, rng_genes, args.unexpressed_fraction)
-  ph = phenotypes.gene_phenotypes(gs, rng_latent, args.latent_dim)
+  ph = phenotypes.gene_phenotypes(gs, rng_latent, args.latent_dim, len(style.params))
+  ph.mixing = style.mixing(ph.mixing)
   plates = _plate_effects(args.experiments, args.plates, rng_effects)
   per_plate = -(-args.genes * args.guides // args.plates) + args.controls_per_plate
   if per_plate > len(ROWS) * COLS:
@@ -127,7 +132,7 @@ def design(args):
             "effects": _well_effects(plates[e, p], row, col, rng_effects)})
   latent = phenotypes.well_latents(ph, [w["gene"] for w in wells], [w["guide"] for w in wells],
                                    rng_wells)
-  for w, params in zip(wells, phenotypes.latent_to_params(latent, ph.mixing)):
+  for w, params in zip(wells, phenotypes.latent_to_params(latent, ph.mixing, style.params)):
     w["params"] = params
   return gs, ph, wells, latent
 
@@ -176,10 +181,11 @@ def _tune_malloc():
 
 def _render_task(task):
   """Renders one well unless its six PNGs exist; returns 1 if it rendered."""
-  index, paths, params, effects, size, seed = task
+  index, paths, params, effects, size, seed, style = task
   if all(os.path.exists(p) for p in paths):
     return 0
-  img = render.render_site(params, effects, size, np.random.default_rng([seed, 1536, index]))
+  img = styles.render_site(style, params, effects, size,
+                           np.random.default_rng([seed, 1536, index]))
   os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
   for plane, path in zip(img, paths):
     # Not fsynced: thousands of PNGs, and a rerun (after an interrupted run) re-renders any well
@@ -188,8 +194,8 @@ def _render_task(task):
   return 1
 
 
-def render_all(out, wells, size, seed, workers):
-  tasks = [(i, site_paths(out, w), w["params"], w["effects"], size, seed)
+def render_all(out, wells, size, seed, workers, style=styles.DEFAULT):
+  tasks = [(i, site_paths(out, w), w["params"], w["effects"], size, seed, style)
            for i, w in enumerate(wells)]
   rendered, start, step = 0, time.time(), max(1, len(tasks) // 10)
   if workers > 1:
@@ -220,7 +226,8 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
                 for g in gs.genes]
   dim = latent.shape[1]
   features = [f"feature_{i}" for i in range(dim)]
-  param_names = list(render.PARAMS)
+  style = styles.get(parameters.get("style", styles.DEFAULT))
+  param_names = list(style.params)
   unexpressed_per_arm = {}
   for g in gs.genes:
     if not gs.expressed[g]:
@@ -237,7 +244,7 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
       "format": FORMAT, "layout": "rxrx3", "parameters": parameters, "counts": counts,
       "channels": list(render.CHANNELS), "stains": list(render.STAINS), "bit_depth": 16,
       "image_size": parameters["image_size"], "cell_type": "HUVEC", "control": CONTROL,
-      "latent_dim": dim, "render_params": {k: list(v) for k, v in render.PARAMS.items()},
+      "latent_dim": dim, "render_params": {k: list(v) for k, v in style.params.items()},
       "focus_arms": gs.focus_arms,
       "arms_over_20_unexpressed": sorted(a for a, n in unexpressed_per_arm.items() if n > 20),
       "benchmark_pairs_in_screen": phenotypes.benchmark_coverage(gs.genes),
@@ -301,6 +308,10 @@ def _parser():
                  help="share of genes declared unexpressed (zFPKM < -3; arm component only)")
   p.add_argument("--latent_dim", type=int, default=phenotypes.LATENT_DIM,
                  help="dimensions of the latent phenotype space")
+  p.add_argument("--style", default=styles.DEFAULT,
+                 help=f"morphology style, one of {', '.join(styles.STYLES)}: how cells look and "
+                 "how a gene's latent acts on them; the ground truth is the same in every style "
+                 "(docs/data_layouts.md §6)")
   return p
 
 
@@ -314,6 +325,8 @@ def _check(args):
       raise SyntheticError(f"--{name}={v}: expected an integer from {lo} to {hi}")
   if args.image_size % 32:
     raise SyntheticError(f"--image_size={args.image_size}: expected a multiple of 32")
+  if args.style not in styles.STYLES:
+    raise SyntheticError(f"--style={args.style}: expected one of {', '.join(styles.STYLES)}")
   if not 0 <= args.unexpressed_fraction <= 0.6:
     raise SyntheticError(f"--unexpressed_fraction={args.unexpressed_fraction}: expected 0 to 0.6")
 
@@ -353,9 +366,11 @@ def generate(args):
                                               "controls_per_plate", "image_size", "seed",
                                               "unexpressed_fraction", "latent_dim")}
   parameters["format"] = FORMAT
+  if args.style != styles.DEFAULT:  # absent for the default, so its screen.json is unchanged
+    parameters["style"] = args.style
   _claim(args.out, parameters)
   gs, ph, wells, latent = design(args)
-  rendered = render_all(args.out, wells, args.image_size, args.seed, args.workers)
+  rendered = render_all(args.out, wells, args.image_size, args.seed, args.workers, args.style)
   outputs, counts = ground_truth_files(gs, ph, wells, latent, parameters)
   os.makedirs(os.path.join(args.out, "ground_truth"), exist_ok=True)
   for rel, data in outputs.items():
@@ -364,7 +379,8 @@ def generate(args):
   if os.path.exists(marker):
     os.remove(marker)
   return {"out": args.out, **counts, "rendered": rendered, "skipped": len(wells) - rendered,
-          "image_size": args.image_size, "seconds": round(time.time() - start, 1)}
+          "image_size": args.image_size, "style": args.style,
+          "seconds": round(time.time() - start, 1)}
 
 
 def main(argv=None):

@@ -5,7 +5,6 @@ site, 64 of a 2048² one), crops are embedded in batches sharded over all local 
 patch tokens by default; CLS or an earlier block by flag), tile embeddings are averaged to the site
 and sites to the well (docs/science.md §3.1-3.2).
 """
-import sys
 import time
 
 import jax
@@ -14,9 +13,9 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from mae_jax.train import checkpointing, sharding
+from mae_jax.util import progress as progress_lib
 
 from mae_jax.data import input_pipeline
 from eval import EvalError
@@ -32,8 +31,11 @@ def data_parallel_mesh() -> Mesh:
 
 
 def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, batch_size=32,
-                   progress=True, adabn=False):
+                   progress=True, adabn=False, progress_every=30.0):
   """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`.
+
+  `progress`: a bar on stderr when it is a terminal, else a line (done/total, rate, ETA) every
+  `progress_every` seconds (mae_jax/util/progress.py).
 
   With `adabn` (models with BatchNorm: the WSL DenseNet) each experiment's crops are embedded
   with BatchNorm statistics re-estimated on that experiment (`adabn_statistics`).
@@ -62,9 +64,9 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
                       f"none (it is for the WSL DenseNet)")
     per_experiment = adabn_statistics(model, tiles(), experiment, batch_size, replicated)
   sums, counts = None, np.zeros(len(metadata), np.int64)
-  bar = tqdm(total=len(metadata), unit="site", disable=not (progress and sys.stderr.isatty()),
-             file=sys.stderr, desc="embedding")
-  start, crops = time.perf_counter(), 0
+  bar = progress_lib.Progress(len(metadata), unit="site", desc="embedding",
+                              mode="auto" if progress else "off", every=progress_every)
+  start, crops, last_site = time.perf_counter(), 0, -1
   for batch in tiles():
     images, sites = batch["image"], batch["site"]
     groups = ([(stats, np.ones(len(sites), bool))] if not adabn else
@@ -81,7 +83,9 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
       np.add.at(sums, sites[rows], emb)
       np.add.at(counts, sites[rows], 1)
     crops += len(sites)
-    bar.update(int(np.unique(sites).size))
+    seen_sites = np.unique(sites)  # a site's tiles may span two batches: count it once
+    bar.update(int(seen_sites.size - (seen_sites[0] == last_site)))
+    last_site = int(seen_sites[-1])
     bar.set_postfix(crops_per_s=f"{crops / (time.perf_counter() - start):.1f}")
   bar.close()
   seconds = time.perf_counter() - start

@@ -313,6 +313,10 @@ def run(flag_values) -> dict:
         {**DEFAULTS, **options}))
     result["method"] = describe(result)
   data = write_outputs(result, f.out, f.title)
+  if f.arm_correction is None and not f.expression:  # recall.json says so too
+    correct.warn("arm correction skipped: no expression table; pass --expression=CSV (gene,"
+                 "zFPKM; the synthetic screen's ground_truth/expression.csv) or --expression=u2os "
+                 "as the README's results do, or --arm_correction=true (docs/science.md §3.5)")
   if f.explore:  # DIR/map.html, the browsable map (eval/explore.py)
     from eval import explore
     explore.write_page(f.out, sources=list(f.sources), annotations_dir=f.annotations_dir)

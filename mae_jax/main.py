@@ -66,10 +66,16 @@ def main(argv):
   if not config.dry_run and not _WORKDIR.value:
     raise cli.UserError("--workdir is required")
   _initialize_distributed()
-  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from mae_jax.train import batches, loop, metrics
   logging.info("config file %s", config_flags.get_config_filename(flags.FLAGS["config"]))
-  for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  for key, value in overrides.items():
     logging.info("override %s = %r", key, value)
+  changes = batches.match_manifest(config, given=set(overrides))
+  if changes:
+    metrics.print_primary(f"from the manifest {config.data.manifest}: {', '.join(changes)} "
+                          f"(--config.KEY=VALUE keeps your own)")
   # A user mistake found on the way (ConfigError, MeshError, RecordError, ...) is a
   # cli.UserError: cli.run shows it as one line.
   if config.dry_run:

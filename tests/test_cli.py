@@ -23,7 +23,10 @@ COMMANDS = [
     ("mae_jax.summary", [], "zoo"),
     ("mae_jax.compile", [], "topology"),
     ("mae_jax.demo", [], "budget_minutes"),
+    ("mae_jax.weights", [], "encoder_only"),
+    ("mae_jax.experiments", [], "suite"),
     ("eval.recall", [], "embeddings"),
+    ("eval.explore", [], "max_genes"),
     ("data_prep.convert", ["--layout=rxrx1", "--root=r", "--out=o"], "--sites_per_shard"),
     ("data_prep.synthetic", ["--out=o"], "--controls_per_plate"),
     ("data_prep.build_arm_table", ["--out=o"], "--out"),
@@ -32,7 +35,32 @@ COMMANDS = [
     ("bench.embed", [], "--precision"),
     ("bench.input_pipeline", [], "--read_threads"),
     ("bench.recall", [], "--perturbations"),
+    ("bench.compile_time", [], "--devices"),
 ]
+
+
+def entry_points():
+  """{module: source} of every `python -m` command: a module with a `__main__` block in the
+  command packages (mae_jax/*.py, mae_jax/*/__main__.py, eval/, data_prep/, bench/)."""
+  found = {}
+  for pattern in ("mae_jax/*.py", "mae_jax/*/__main__.py", "eval/*.py", "data_prep/*.py",
+                  "bench/*.py"):
+    for path in REPO.glob(pattern):
+      text = path.read_text()
+      if re.search(r"^if __name__ == .__main__.:", text, re.M) or path.name == "__main__.py":
+        parts = path.relative_to(REPO).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__main__" else parts)] = text
+  return found
+
+
+def test_every_entry_point_runs_through_cli_and_is_checked_here():
+  """A new command gets its bad-flag check in COMMANDS; none parses flags outside cli.run
+  (absl's app.run, a bare argparse parser or parser.exit would print their own error style)."""
+  found = entry_points()
+  assert set(found) == {c[0] for c in COMMANDS}, set(found) ^ {c[0] for c in COMMANDS}
+  for module, text in found.items():
+    assert "cli.run(" in text, f"{module}: does not run through mae_jax.util.cli.run"
+    assert not re.search(r"\bapp\.run\(|argparse\.ArgumentParser\(", text), module
 
 
 def run(module, *args, timeout=300):

@@ -34,6 +34,7 @@ LAYERS = {
     "mae_jax.main": 5,
     "mae_jax.summary": 5,
     "mae_jax.compile": 5,
+    "mae_jax.weights": 5,
     "eval": 6,
     "mae_jax.demo": 7,
     "mae_jax.experiments": 7,

@@ -1,6 +1,8 @@
 """The synthetic screen: planted biology, batch effects, arm proximity, layout, determinism."""
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -10,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
-from data_prep import phenotypes, render, synthetic
+from data_prep import phenotypes, render, styles, synthetic
 from eval import benchmarks
 from mae_jax.util import cli
 
@@ -222,7 +225,8 @@ def test_rerun_is_byte_identical_and_resumes(screen, tmp_path, capsys):
 
 def test_user_mistakes_fail_in_one_line(tmp_path, capsys):
   out = tmp_path / "x"
-  for bad in (["--genes=2"], ["--image_size=100"], ["--plates=1", "--controls_per_plate=1500"]):
+  for bad in (["--genes=2"], ["--image_size=100"], ["--plates=1", "--controls_per_plate=1500"],
+              ["--style=nope"]):
     with pytest.raises(SystemExit) as e:  # the command line, as `python -m` runs it
       cli.run(synthetic.main, [f"--out={out}", *bad], absl_flags=False)
     assert e.value.code == cli.USAGE
@@ -238,3 +242,108 @@ def test_user_mistakes_fail_in_one_line(tmp_path, capsys):
   proc = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--help"],
                         capture_output=True, text=True)
   assert proc.returncode == 0 and "--controls_per_plate" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- styles
+
+
+@pytest.fixture(scope="module")
+def granular_screen(tmp_path_factory):
+  """The SMALL screen in the granular style, and the JSON line its command printed last."""
+  out = tmp_path_factory.mktemp("synth_granular") / "screen"
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    synthetic.main([f"--out={out}", *SMALL, "--style=granular", "--workers=2"])
+  return out, json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+def _planes(root, row):
+  folder = root / "images" / row["experiment_name"] / f"Plate{row['plate']}"
+  return [np.asarray(Image.open(folder / f"{row['address']}_s1_w{c}.png"), np.float64)
+          for c in range(1, 7)]
+
+
+def test_default_style_output_is_unchanged(screen):
+  # Fingerprints of the SMALL default screen as it was made before --style existed (the README's
+  # numbers were measured on the default): sha256 prefixes of files without floating-point
+  # arithmetic, and per-channel pixel spreads of three sites (a tolerance absorbs last-bit
+  # differences of vectorised math between CPUs).
+  digests = {"metadata.csv": "24a06a552e301cc2", "ground_truth/genes.csv": "bed3dc364994d910",
+             "ground_truth/planted_pairs.csv": "76eeb6528a009697"}
+  for rel, want in digests.items():
+    assert hashlib.sha256((screen / rel).read_bytes()).hexdigest()[:16] == want, rel
+  spreads = {"gene-001_1_B09": [2155.90, 495.18, 987.40, 361.76, 829.11, 712.35],
+             "gene-001_1_B11": [1194.06, 328.21, 970.01, 227.16, 371.56, 804.12],
+             "gene-001_1_B45": [1727.51, 442.64, 925.95, 370.94, 631.78, 727.18]}
+  rows = {r["well_id"]: r for r in _read_csv(screen / "metadata.csv")}
+  for well, want in spreads.items():
+    got = [p.std() for p in _planes(screen, rows[well])]
+    np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=well)
+  meta = json.loads((screen / "ground_truth" / "screen.json").read_text())
+  assert "style" not in meta["parameters"]
+  assert meta["render_params"] == {k: list(v) for k, v in render.PARAMS.items()}
+
+
+def test_styles_share_the_ground_truth(screen, granular_screen):
+  gran, printed = granular_screen
+  assert printed["style"] == "granular" and printed["wells"] == 220
+  for rel in ("metadata.csv", "ground_truth/genes.csv", "ground_truth/expression.csv",
+              "ground_truth/planted_pairs.csv", "ground_truth/wells.csv"):
+    assert (gran / rel).read_bytes() == (screen / rel).read_bytes(), rel
+  by_style = {"mixing", "param_names", "well_params"}  # the latent -> render mapping
+  with np.load(screen / "ground_truth" / "phenotypes.npz") as a, \
+       np.load(gran / "ground_truth" / "phenotypes.npz") as b:
+    assert set(a.files) == set(b.files) > by_style
+    for k in set(a.files) - by_style:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert list(b["param_names"]) == list(styles.GRANULAR_PARAMS)
+    assert b["mixing"].shape == (len(styles.GRANULAR_PARAMS), 16)
+    assert np.all(np.count_nonzero(b["mixing"], axis=1) == 5)  # a sparse mixing
+    assert b["well_params"].shape == (220, len(styles.GRANULAR_PARAMS))
+  meta_a, meta_b = (json.loads((root / "ground_truth" / "screen.json").read_text())
+                    for root in (screen, gran))
+  assert meta_b["parameters"] == {**meta_a["parameters"], "style": "granular"}
+  for k in ("counts", "modules", "focus_arms", "channels", "image_size"):
+    assert meta_a[k] == meta_b[k], k
+
+
+def test_granular_style_is_deterministic_and_looks_different(screen, granular_screen, tmp_path):
+  gran = granular_screen[0]
+  args = synthetic._parser().parse_args([f"--out={tmp_path}", *SMALL, "--style=granular"])
+  wells = synthetic.design(args)[2]
+  for i in (0, 1, 2):  # rendered again in this process: the bytes of the fixture's workers
+    paths = [str(tmp_path / f"{i}_{c}.png") for c in render.CHANNELS]
+    w = wells[i]
+    assert synthetic._render_task((i, paths, w["params"], w["effects"], 256, 3, "granular")) == 1
+    for mine, theirs in zip(paths, synthetic.site_paths(str(gran), w)):
+      with open(mine, "rb") as f, open(theirs, "rb") as g:
+        assert f.read() == g.read(), theirs
+  # Same wells, same seed: the granular style has about twice as many (smaller) nuclei, and
+  # Hoechst bleeding into w2 correlates the two channels.
+  stats = {}
+  for name, root in (("default", screen), ("granular", gran)):
+    nuclei, coloc = [], []
+    for r in _read_csv(root / "metadata.csv")[:24]:
+      w1, w2 = (ndi.gaussian_filter(p, 2) for p in _planes(root, r)[:2])
+      nuclei.append(ndi.label(w1 > w1.mean() + w1.std())[1])
+      coloc.append(np.corrcoef(w1.ravel(), w2.ravel())[0, 1])
+    stats[name] = np.mean(nuclei), np.mean(coloc)
+  assert stats["granular"][0] > 1.6 * stats["default"][0], stats
+  assert stats["granular"][1] > stats["default"][1] + 0.25, stats
+
+
+def test_granular_style_normalises_intensity_and_latent_moves_texture():
+  style = styles.get("granular")
+  rng = np.random.default_rng(0)
+  mixing = style.mixing(rng.standard_normal((len(style.params), 8)))
+  latent = np.zeros((2, 8))
+  latent[:, 0] = 1.5, -1.5
+  a, b = phenotypes.latent_to_params(latent, mixing, style.params)
+  img_a = style.render_clean(a, 128, np.random.default_rng(1))
+  img_b = style.render_clean(b, 128, np.random.default_rng(1))
+  np.testing.assert_array_equal(img_a, style.render_clean(a, 128, np.random.default_rng(1)))
+  for img in (img_a, img_b):
+    np.testing.assert_allclose(img.mean(axis=(1, 2)), styles.GRANULAR_MEAN_COUNTS, rtol=1e-4)
+  assert np.abs(img_a - img_b).mean() > 0.3 * styles.GRANULAR_MEAN_COUNTS.mean()
+  with pytest.raises(ValueError, match="unknown style"):
+    styles.get("nope")

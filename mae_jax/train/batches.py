@@ -19,7 +19,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from mae_jax.data import input_pipeline, labels
+from mae_jax.data import input_pipeline, labels, records
 from mae_jax.models import registry
 from mae_jax.train import ConfigError
 from mae_jax.train.metrics import is_primary, print_primary
@@ -70,6 +70,32 @@ def record_labels(config, workdir):
                 f"(controls: {w.controls}) on {int((ids >= 0).sum())} of {len(ids)} records; "
                 f"vocabulary in {path}")
   return ids
+
+
+def match_manifest(config, given=()) -> list[str]:
+  """Sets `data.dtype` and `model.channels` from `data.manifest` unless `given` (the keys set on
+  the command line, e.g. {"data.dtype"}) holds them; returns the changes as "KEY=VALUE".
+
+  A config file's defaults (uint8, 6 channels) say nothing about the user's shards, so the
+  manifest's dtype and channel count win over them; an explicit override is kept, and the
+  pipeline then refuses a mismatch. A CA-MAE (model.channel_agnostic) takes any channel count up
+  to model.max_channels (docs/science.md §1.4).
+  """
+  if not config.data.manifest:
+    return []
+  manifest = records.read_manifest(config.data.manifest)
+  m, changes = config.model, []
+  if "data.dtype" not in given and manifest["dtype"] != np.dtype(config.data.dtype).name:
+    config.data.dtype = manifest["dtype"]
+    changes.append(f"data.dtype={manifest['dtype']}")
+  channels = int(manifest["image_shape"][2])
+  if "model.channels" not in given and "channels" in m and channels != int(m.channels):
+    if m.get("channel_agnostic") and channels > int(m.max_channels):
+      raise ConfigError(f"{config.data.manifest}: {channels} channels, but the CA-MAE takes at "
+                        f"most model.max_channels={int(m.max_channels)}")
+    m.channels = channels
+    changes.append(f"model.channels={channels}")
+  return changes
 
 
 def make_batches(config, shardings: dict, record_ids=None):

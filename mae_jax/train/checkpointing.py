@@ -178,6 +178,38 @@ def stacked_layers(state_dir, model_cfg) -> bool | None:
   return None if blocks is None else not all(str(k).isdigit() for k in blocks)
 
 
+# What may differ between the run a model was trained in and a run starting from it (init_from):
+# regularisation, masking and loss weights; everything else shapes the parameters.
+NOT_SHAPING = ("drop_path", "mask_ratio", "fourier_weight", "label_smoothing", "embed_levels")
+
+
+def restore_model(ckpt_path, abstract_state, model_cfg) -> dict:
+  """{"model"[, "stats"]} of another run's checkpoint (WORKDIR, checkpoints/ or a step folder),
+  placed with the shardings of `abstract_state` (this run's): `config.init_from`.
+
+  The saved model settings must equal this config's but for NOT_SHAPING ones, and the blocks be
+  stored the same way (model.scan_layers); otherwise one line says which.
+  """
+  workdir, step_dir = resolve(ckpt_path)
+  saved = read_config(workdir).model.to_dict()
+  ours = model_cfg.to_dict()
+  saved["scan_layers"] = stacked_layers(step_dir / "state", model_cfg)
+  if saved["scan_layers"] is None:
+    saved["scan_layers"] = ours.get("scan_layers")
+  diff = sorted(k for k in set(saved) | set(ours) if k not in NOT_SHAPING
+                and json.dumps(saved.get(k)) != json.dumps(ours.get(k)))
+  if diff:
+    raise CheckpointError(f"init_from={ckpt_path}: its model differs from this config in "
+                          + ", ".join(f"model.{k} ({saved.get(k)!r} there, {ours.get(k)!r} here)"
+                                      for k in diff))
+  target = {k: abstract_state[k] for k in ("model", "stats") if k in abstract_state}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return {k: restored[k] for k in target}
+
+
 def load_for_eval(ckpt_path, *, step: int | None = None, mesh: Mesh | None = None, dtype=None):
   """(model with restored parameters, run config) from a WORKDIR, checkpoints/ or a step folder.
 

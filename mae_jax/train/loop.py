@@ -26,8 +26,22 @@ from mae_jax.train.step import (batch_shardings, build_state, check_batch, jit_t
 from mae_jax.util import files
 
 
-def write_config(config, workdir: epath.Path, resuming: bool, mesh=None):
-  """WORKDIR/config.json (atomic; mesh sizes resolved); a resumed run must keep its model."""
+# What the one-cycle learning rate is a function of (optim.one_cycle): a resume that changes one
+# of them moves the run to another point of another schedule, so it needs allow_schedule_change.
+SCHEDULE_KEYS = ("total_steps", "optimizer.lr", "optimizer.warmup_fraction",
+                 "optimizer.div_factor", "optimizer.final_div_factor")
+
+
+def _key(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def write_config(config, workdir: epath.Path, resuming: bool, mesh=None, step=None):
+  """WORKDIR/config.json (atomic; mesh sizes resolved); a resumed run must keep its model, and
+  past step 0 (`step`: the one restored) its learning-rate schedule unless
+  `allow_schedule_change` (docs/interfaces.md §2)."""
   path = workdir / checkpointing.CONFIG_FILE
   resolved = json.loads(config.to_json_best_effort())
   if mesh is not None:
@@ -42,7 +56,14 @@ def write_config(config, workdir: epath.Path, resuming: bool, mesh=None):
     if diff:
       raise ConfigError(f"{path}: the checkpoints in {workdir} were trained with other model "
                         f"settings ({', '.join('model.' + k for k in diff)}); use a new workdir")
-    changed = sorted(k for k in resolved if k != "model" and old.get(k) != resolved[k])
+    reshaped = [f"{k} {_key(old, k)} -> {_key(resolved, k)}" for k in SCHEDULE_KEYS
+                if _key(old, k) is not None and _key(old, k) != _key(resolved, k)]
+    if reshaped and step != 0 and not config.get("allow_schedule_change", False):
+      raise ConfigError(f"{path}: resuming with {', '.join(reshaped)} would reshape the one-cycle "
+                        f"schedule mid-run (docs/science.md §2.3); pass "
+                        f"--config.allow_schedule_change=True to do so, or use a new workdir")
+    changed = sorted(k for k in resolved if k not in ("model", "allow_schedule_change")
+                     and old.get(k) != resolved[k])
     changed += ["model.scan_layers"] * (old_model["scan_layers"] != resolved["model"].get(
         "scan_layers", False))
     if changed:
@@ -101,7 +122,7 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
                                     keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
   record_ids = batches.record_labels(config, workdir)  # sets a classifier's model.num_classes
-  write_config(config, workdir, resuming=latest is not None, mesh=mesh)
+  write_config(config, workdir, resuming=latest is not None, mesh=mesh, step=latest)
 
   data = None
   try:
@@ -120,6 +141,9 @@ def train_and_evaluate(config, workdir, *, stop_at: int | None = None) -> dict:
         metrics.print_primary(f"restored step {latest} from {ckpt.directory}")
       else:
         state = init()
+        if config.get("init_from"):
+          state.update(checkpointing.restore_model(config.init_from, abstract, config.model))
+          metrics.print_primary(f"model parameters from {config.init_from} (optimiser fresh)")
       run = _Run(config=config, mesh=mesh, data=data, ckpt=ckpt, start=int(latest or 0),
                  stop_at=stop_at, train_step=jit_train_step(graphdef, tx, config, mesh, shardings),
                  rng=jax.jit(lambda: jax.random.key(config.seed),

@@ -10,6 +10,7 @@ line>` on stderr and exits with USAGE (2); <command> is the module that `python 
 `mae_jax.main`, `eval.recall`, `data_prep.convert`. Anything else is a bug: its traceback stays.
 """
 import argparse
+import importlib.util
 import logging
 import os
 import re
@@ -80,6 +81,33 @@ def _unknown_config_key(exc) -> str:
   return f"unknown config key {key!r}"
 
 
+def packaged_config(args: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:ARG]` from any folder: a path that does not exist here but does
+  in the installed `configs` package (the repository's configs/) is rewritten to that file."""
+  out = list(args)
+  for i, arg in enumerate(out):
+    if arg == "--":
+      break
+    name, eq, value = arg.partition("=")
+    if name not in ("--config", "-config"):
+      continue
+    if not eq:  # `--config PATH`
+      if i + 1 >= len(out):
+        break
+      i, value = i + 1, out[i + 1]
+    path, colon, extra = value.partition(":")
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.exists(path) or len(parts) < 2 or parts[0] != "configs":
+      continue
+    spec = importlib.util.find_spec("configs")  # locates the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+      candidate = os.path.join(folder, *parts[1:])
+      if os.path.isfile(candidate):
+        out[i] = (f"{name}=" if eq else "") + candidate + colon + extra
+        break
+  return out
+
+
 def _fail(command: str, message: str):
   print(f"{command}: error: {message}", file=sys.stderr)
   sys.exit(USAGE)
@@ -99,8 +127,9 @@ def run(main, argv=None, *, absl_flags: bool = True):
 
   absl_flags: the absl flags are parsed ONCE, here (a second parse, as `app.run(main)` does,
   re-defines every `--config.KEY` override flag and fails with "defined twice": overrides are
-  not idempotent), then `main(remaining argv)` runs under app.run. Otherwise `main(argv)` parses
-  argv itself, with cli.ArgumentParser. main's return value is the exit status (None: 0).
+  not idempotent), then `main(remaining argv)` runs under app.run; `--config=configs/NAME.py`
+  resolves against the installed configs package when the path is not found (packaged_config).
+  Otherwise `main(argv)` parses argv itself, with cli.ArgumentParser. main's return value is the exit status (None: 0).
   """
   command = command_name(main)
   args = list(sys.argv[1:] if argv is None else argv)
@@ -114,6 +143,8 @@ def run(main, argv=None, *, absl_flags: bool = True):
   # pylint: disable-next=g-import-not-at-top
   from absl import app, flags, logging as absl_logging
   app.define_help_flags()
+  if "config" in flags.FLAGS:  # ml_collections' --config=configs/NAME.py, from any folder
+    args = packaged_config(args)
   try:
     remaining = flags.FLAGS([sys.argv[0], *args])
   except SystemExit as e:  # absl ends --help and its kin with status 1 after printing the usage
