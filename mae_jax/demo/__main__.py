@@ -30,21 +30,17 @@ from ml_collections import config_flags
 
 import configs
 from mae_jax.util import cli
-from mae_jax.demo import stages
+from mae_jax.demo import stages, tasks
+from mae_jax.demo.tasks import (config_dict, describe_device, embed_model, loss_evaluation,
+                                 make_ceiling, score)
 from mae_jax.demo.stages import log
 
 DEFAULT_BUDGET_MINUTES = 5.0  # sized so the whole default command takes <= 20 min on 2 free cores
-RECALL_VARIANTS = {  # name -> score_wells options
-    "tvn": dict(batch_correction="tvn", arm_correction=True),
-    "uncorrected": dict(batch_correction="none", arm_correction=False),
-    "tvn_no_arm": dict(batch_correction="tvn", arm_correction=False),
-}
 SCREEN_FLAGS = ("genes", "guides", "experiments", "plates", "controls_per_plate", "image_size",
                 "seed")
 # The first steps run slower (input pipeline and allocator warming up: 0.11-0.16 s against 0.08-0.09
 # s later, demo recipe on 2 cores), so the probe is long enough to time steady steps.
 PROBE_STEPS, PROBE_LOG = 40, 5
-EVAL_CROPS, EVAL_BATCH = 256, 64
 
 _OUT = flags.DEFINE_string("out", None, "output folder (reruns reuse its finished stages)")
 _BUDGET = flags.DEFINE_float("budget_minutes", DEFAULT_BUDGET_MINUTES,
@@ -91,43 +87,11 @@ def check_screen(paths):
 
 
 def make_shards(paths):
-  screen = stages.read_json(os.path.join(paths["screen"], "ground_truth", "screen.json"))
-  size = screen["image_size"]
-  stages.run_module(["data_prep.convert", "--layout=rxrx3", f"--root={paths['screen']}",
-              f"--out={paths['shards']}", f"--image_size={size}", f"--workers={_WORKERS.value}"],
-             "data_prep.convert")
-
-
-
-def make_ceiling(paths, path):
-  """The screen's true well phenotypes (latent) joined to the well metadata of the shards."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-  from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  site_meta = input_pipeline.site_metadata(paths["manifest"])
-  _, meta = embed.wells_from_sites(np.zeros((len(site_meta), 1), np.float32), site_meta)
-  truth = pd.read_csv(os.path.join(paths["screen"], "ground_truth", "wells.csv"))
-  truth = truth.set_index("well_id")
-  missing = sorted(set(meta["well_id"]) - set(truth.index))
-  if missing:
-    raise cli.UserError(f"{paths['screen']}/ground_truth/wells.csv: no latent for well "
-                        f"{missing[0]} (and {len(missing) - 1} more)")
-  stages.save_wells(path, truth.loc[meta["well_id"]].to_numpy(np.float32), meta)
+  tasks.make_shards(paths, _WORKERS.value)
 
 
 def make_pixel_stats(paths, path):
-  from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax.demo import baselines  # pylint: disable=g-import-not-at-top
-  step = {"next": 0.0}
-
-  def progress(done, total):
-    if done >= step["next"] * total:
-      log(f"pixel statistics: {done}/{total} sites")
-      step["next"] += 0.25
-  feats, site_meta = baselines.manifest_features(paths["manifest"], workers=_WORKERS.value,
-                                                 progress=progress)
-  stages.save_wells(path, *embed.wells_from_sites(feats, site_meta))
+  tasks.make_pixel_stats(paths, path, _WORKERS.value)
 
 
 def run_id():
@@ -158,20 +122,12 @@ def run_config(paths, total_steps):
 
 def plan_training(paths):
   """{total_steps, step_time_s, ...}: a fixed --steps, or a probe run that times real steps."""
-  from mae_jax.train import loop  # pylint: disable=g-import-not-at-top
   if _STEPS.value:
     return {"total_steps": int(_STEPS.value), "source": "--steps"}
   probe = run_config(paths, PROBE_STEPS)
   probe.unlock()
   probe.update(log_every=PROBE_LOG, checkpoint_every=10 ** 9, keep_checkpoints=1)
-  workdir = os.path.join(paths["run"], "probe")
-  t0 = time.time()
-  loop.train_and_evaluate(probe, workdir)
-  wall = time.time() - t0
-  times = [json.loads(l).get("step_time_s") for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  times = sorted(t for t in times[len(times) // 2:] if t)  # the steady second half
-  step_time = times[len(times) // 2]
-  overhead = max(0.0, wall - PROBE_STEPS * step_time)  # compile, pipeline start, shutdown
+  step_time, wall, overhead = tasks.time_steps(probe, os.path.join(paths["run"], "probe"))
   left = _BUDGET.value * 60 - wall - overhead
   total = int(left / step_time)
   minimum = 2 ** (max(1, _EVAL_POINTS.value) - 1)
@@ -214,95 +170,6 @@ def eval_steps(paths):
                  if p.isdigit())
   wanted = [total // 2 ** k for k in range(max(1, _EVAL_POINTS.value))]
   return sorted({min(ckpts, key=lambda s: abs(s - w)) for w in wanted if w > 0})
-
-
-def _mesh_and_model(model_cfg=None, ckpt=None, seed=0):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from eval import embed  # pylint: disable=g-import-not-at-top
-  from mae_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  from mae_jax.models import registry  # pylint: disable=g-import-not-at-top
-  mesh = embed.data_parallel_mesh()
-  if ckpt is not None:
-    model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
-  else:
-    with nnx.use_eager_sharding(False):
-      model = registry.build_model(model_cfg, seed=seed)
-  return mesh, model
-
-
-def embed_model(paths, path, model_cfg=None, ckpt=None, seed=0):
-  from eval import embed  # pylint: disable=g-import-not-at-top
-  mesh, model = _mesh_and_model(model_cfg, ckpt, seed)
-  site_emb, site_meta = embed.embed_manifest(model, paths["manifest"], mesh=mesh, batch_size=64)
-  stages.save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
-
-
-
-def score(paths, emb_path, out_dir, shared):
-  """recall.json of every RECALL_VARIANTS entry for one well-embedding file (each reused).
-
-  `shared` holds the annotation pairs and expression table, read once for all scorings.
-  """
-  from eval import recall  # pylint: disable=g-import-not-at-top
-  results = {}
-  for name, options in RECALL_VARIANTS.items():
-    target = os.path.join(out_dir, name)
-    done = os.path.join(target, "recall.json")
-    if not os.path.exists(done):
-      if not shared:
-        shared.update(pairs_by_source=recall.load_sources(recall.DEFAULTS["sources"]),
-                      expression=recall.load_expression(paths["expression"]))
-      emb, meta = stages.load_wells(emb_path)
-      result = recall.score_wells(emb, meta, **shared, **options)
-      result["settings"]["expression"] = paths["expression"]
-      if name == "tvn":  # the headline map, browsable: python -m eval.explore --map=TARGET
-        recall.write_outputs(result, target)
-      else:
-        os.makedirs(target, exist_ok=True)
-        stages.write_json(done, recall.public(result))
-    results[name] = stages.read_json(done)
-  return results
-
-
-def loss_evaluation(paths, model_cfg, seed, steps):
-  """Held-out loss of the random init and each checkpoint, and of predicting the crop mean.
-
-  The same crops and masks for every model: crops drawn with a seed the training never uses,
-  masks from a fixed key. In the standardised target space the crop mean is 0 in every channel.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
-  it = input_pipeline.train_iterator(paths["manifest"], global_batch_size=EVAL_BATCH,
-                                     crop_size=model_cfg.image_size, seed=seed + 7919,
-                                     num_workers=0)
-  batches = [next(it)["image"] for _ in range(EVAL_CROPS // EVAL_BATCH)]
-  keys = [jax.random.key(10_000 + i) for i in range(len(batches))]
-  p, fw = model_cfg.patch_size, model_cfg.fourier_weight
-  out, grid = {}, None
-  for step in [0] + list(steps):
-    ckpt = os.path.join(paths["train"], "checkpoints", str(step)) if step else None
-    _, model = _mesh_and_model(model_cfg, ckpt, seed)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def evaluate(state, images, key):
-      loss, aux = nnx.merge(graphdef, state)({"image": images}, key)
-      zero, _, _ = mae.reconstruction_loss(jnp.zeros_like(aux["target"]), aux["target"],
-                                           aux["mask"], p, fw)
-      return loss, aux["mse"], zero, aux
-
-    rows = [evaluate(state, jnp.asarray(b), k) for b, k in zip(batches, keys)]
-    out[step] = {"loss": float(np.mean([r[0] for r in rows])),
-                 "mse": float(np.mean([r[1] for r in rows])),
-                 "mean_predictor": float(np.mean([r[2] for r in rows]))}
-    if step == max([0] + list(steps)):
-      aux = jax.device_get(rows[0][3])
-      grid = {k: np.asarray(aux[k][:2]) for k in ("pred", "target", "mask")}
-  return out, grid
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -384,19 +251,6 @@ def pipeline(out):
       timing=timer.summary(), run=run_id())
   report.write(out, paths["run"], data, grid_path)
   return data
-
-
-def config_dict(d):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(d)
-
-
-def describe_device():
-  import jax  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  kind = devices[0].device_kind
-  extra = f", {os.cpu_count()} host cores" if devices[0].platform == "cpu" else ""
-  return f"{jax.default_backend()}: {len(devices)} x {kind}{extra}"
 
 
 def main(argv):

@@ -11,8 +11,11 @@ import time
 from mae_jax.util import cli, files
 
 
+PREFIX = "demo"  # the application whose stages log (mae_jax.experiments sets its own)
+
+
 def log(msg):
-  print(f"demo: {msg}", file=sys.stderr, flush=True)
+  print(f"{PREFIX}: {msg}", file=sys.stderr, flush=True)
 
 
 def write_json(path, obj):

@@ -1,0 +1,260 @@
+"""mae_jax.experiments at toy size: the whole suite on a tiny screen, killed mid-way and resumed,
+on a converted screen without ground truth (--manifest), user errors; its pieces in-process
+(plate subsets, FLOP-equal plans, verdicts with standard errors, strided embedding)."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mae_jax.data import records
+from mae_jax.experiments import arms, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCREEN = ["--genes=40", "--guides=2", "--experiments=2", "--plates=2", "--controls_per_plate=10",
+          "--image_size=64", "--seed=3"]
+TINY = ["--tiny", "--steps=4", "--workers=1"]
+EVERY_ARM = {a.name for a in arms.ARMS} | {f"random_init_{n}" for n in arms.NETWORK_LABELS} | {
+    "pixel_stats"}
+VERDICTS = {"holds", "does not hold", "within noise", "not scored"}
+
+
+def env(cache_dir):
+  """One device, fewer XLA passes and the session's compilation cache (as tests/test_train.py)."""
+  e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+           JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e["XLA_FLAGS"] = ""
+  return e
+
+
+def suite(*args, cache_dir, **kw):
+  return subprocess.run([sys.executable, "-m", "mae_jax.experiments", *args], cwd=ROOT,
+                        env=env(cache_dir), capture_output=True, text=True, timeout=900, **kw)
+
+
+def stage_lines(stderr, word):
+  """Stage names the log says were `word` ("running" or "reusing ...")."""
+  return {l.split(":")[1].strip() for l in stderr.splitlines()
+          if l.startswith("experiments: ") and l.split(":")[2].strip().startswith(word)}
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, cache_dir):
+  """The tiny suite, SIGKILLed once the scaling grid starts training, then run again."""
+  out = tmp_path_factory.mktemp("study") / "out"
+  cmd = [sys.executable, "-m", "mae_jax.experiments", f"--out={out}", *TINY, *SCREEN]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env(cache_dir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  first = []
+  try:
+    for line in proc.stderr:
+      first.append(line)
+      if line.startswith("experiments: train_grid_") and line.rstrip().endswith("running"):
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
+        break
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  assert any(l.startswith("experiments: train_grid_") for l in first), "".join(first[-20:])
+  timings = {k: json.loads((out / k).read_text()) for k in ("timings.json", "runs/timings.json")}
+  second = suite(*cmd[3:], cache_dir=cache_dir)
+  assert second.returncode == 0, second.stderr[-3000:]
+  return out, "".join(first), timings, second, cmd[3:]
+
+
+def test_report_has_every_arm_scored_the_same_way(killed_and_resumed):
+  out, _, _, proc, _ = killed_and_resumed
+  data = json.loads((out / "report.json").read_text())
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == data  # last stdout line = report
+  assert set(data["arms"]) == EVERY_ARM | {"ceiling"}
+  for name, a in data["arms"].items():
+    assert set(a["recall"]) == set(report.SOURCES), name
+    for v in a["recall"].values():
+      if v["recall"] is not None:  # 40 genes: sources with < 20 genes in the map are skipped
+        assert v["se"] == pytest.approx(math.sqrt(v["recall"] * (1 - v["recall"]) / v["pairs"]))
+    assert a["mean"]["recall"] is not None and "mean_uncorrected" in a
+    assert set(a["uncorrected"]) == set(report.SOURCES)
+  for name in arms.ARMS_BY_NAME:
+    a = data["arms"][name]
+    assert a["train_flops"] > 0 and a["wall_s"] > 0 and a["seeds"] == [0]
+    assert a["budget_rule"] in ("reference", "equal_flops", "equal_wall_time")
+    assert a["loss"]["baseline"] > 0 and a["loss"]["final"] > 0
+  # --steps: every arm at the reference's FLOPs, within one step's worth.
+  ref = data["arms"][arms.REFERENCE]
+  for name in ("vit_p16_m75", "vit_p8_m25", "wsl"):
+    a = data["arms"][name]
+    assert a["train_flops"] == pytest.approx(ref["train_flops"], rel=0.5 / a["steps"] + 1e-9)
+  grid = data["grid"]
+  assert {(p["width"], p["fraction"]) for p in grid} == {
+      (w, f) for w in arms.TINY_SUITE.widths for f in arms.TINY_SUITE.fractions}
+  assert len(grid) == 3 * len(arms.TINY_SUITE.widths) * len(arms.TINY_SUITE.fractions)
+  assert {p["step"] for p in grid} == {1, 2, 4}
+  assert data["subsets"]["0.5"]["plates"] == ["gene-001 P1", "gene-002 P1"]
+  assert set(data["spearman"]) == {"0.5", "1.0"}
+  for c in data["claims"].values():
+    assert c["verdict"] in VERDICTS
+  assert set(data["claims"]) >= {"mae_beats_wsl", "patch8_beats_patch16", "mask75_beats_mask25",
+                                 "recall_rises_with_flops"}
+  assert set(data["relative_improvement"]) >= set(report.SOURCES)
+  for name in report.FIGURES:
+    assert (out / name).stat().st_size > 5000
+  text = (out / "report.md").read_text()
+  assert "| WSL DenseNet (labels: gene) |" in text and "equal training FLOPs" in text
+
+
+def test_rerun_after_a_kill_redoes_no_finished_stage(killed_and_resumed, cache_dir):
+  out, first, before, proc, args = killed_and_resumed
+  finished = {k for book in before.values() for k in book["stages"]}
+  assert {"screen", "shards", "pixel_stats", f"train_{arms.REFERENCE}_s0", "train_wsl_s0",
+          "loss_wsl_s0"} <= finished
+  assert not finished & stage_lines(proc.stderr, "running")
+  assert finished <= stage_lines(proc.stderr, "reusing")
+  for key, book in before.items():  # their first timings stand
+    after = json.loads((out / key).read_text())["stages"]
+    assert {k: after[k] for k in book["stages"]} == book["stages"]
+  in_flight = [l.split(":")[1].strip() for l in first.splitlines() if l.endswith("running")][-1]
+  assert in_flight in stage_lines(proc.stderr, "running")
+  # A third run reuses everything but the scoring pass (which reuses its recall.json files).
+  again = suite(*args, cache_dir=cache_dir)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert stage_lines(again.stderr, "running") == {"score"}
+
+
+def test_manifest_of_a_converted_screen_without_ground_truth(tmp_path, cache_dir):
+  screen, shards = tmp_path / "screen", tmp_path / "shards"
+  for args in (["data_prep.synthetic", f"--out={screen}", "--workers=1", *SCREEN],
+               ["data_prep.convert", "--layout=rxrx3", f"--root={screen}", f"--out={shards}",
+                "--workers=1"]):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  expression = tmp_path / "expression.csv"
+  shutil.copy(screen / "ground_truth" / "expression.csv", expression)
+  shutil.rmtree(screen)  # no ground truth any more: the ceiling row is left out
+  proc = suite(f"--out={tmp_path / 'out'}", f"--manifest={shards / 'manifest.json'}",
+               f"--expression={expression}", *TINY, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(data["arms"]) == EVERY_ARM and not data["ground_truth"]
+  assert data["arms"]["pixel_stats"]["recall"]["StringDB"]["recall"] is not None
+  assert not (tmp_path / "out" / "screen").exists()
+  assert "arms_corrected" in json.loads((tmp_path / "out" / "features" / "recall_pixel_stats" /
+                                         "tvn" / "recall.json").read_text())["arm_correction"]
+
+
+def test_user_errors_are_one_line(tmp_path, cache_dir):
+  for args in (["--suite=huge"], ["--budget_minutes=-1"], [f"--manifest={tmp_path / 'none'}"],
+               [f"--manifest={tmp_path}", "--style=other"], ["--seeds=0"]):
+    proc = suite(f"--out={tmp_path / 'x'}", *args, cache_dir=cache_dir)
+    assert proc.returncode == 2, (args, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mae_jax.experiments: error: "), proc.stderr
+  assert not (tmp_path / "x").exists()
+
+
+# -- pieces -------------------------------------------------------------------------------------
+def _manifest(folder, groups, records_each=3):
+  folder.mkdir(parents=True)
+  shards = [{"path": f"shards/{e}_P{p}-{k:05d}.tfrecord", "records": records_each}
+            for e, p in groups for k in range(2)]
+  return records.write_manifest(folder, {
+      "layout": "rxrx3", "shards": shards, "num_records": len(shards) * records_each,
+      "image_shape": [64, 64, 6], "channels": [f"w{i}" for i in range(1, 7)],
+      "dtype": "uint16", "counts": {"sites": 1}})
+
+
+def test_plate_subsets_take_plates_across_experiments(tmp_path):
+  groups = [(e, p) for e in ("gene-001", "gene-002") for p in (1, 2, 3, 10)]
+  path = _manifest(tmp_path / "full", groups)
+  sub = arms.plate_subset(path, 0.25, str(tmp_path / "quarter"))
+  assert sub["plates"] == ["gene-001 P1", "gene-002 P1"] and sub["of_groups"] == 8
+  m = records.read_manifest(tmp_path / "quarter" / "manifest.json")
+  assert m["num_records"] == sub["records"] == 12 and "counts" not in m
+  here = records.shard_paths(tmp_path / "quarter" / "manifest.json", m)
+  assert all(p.startswith(str(tmp_path / "full" / "shards")) for p in map(os.path.normpath, here))
+  half = arms.plate_subset(path, 0.5, str(tmp_path / "half"))
+  assert half["plates"][-2:] == ["gene-001 P2", "gene-002 P2"]  # plate 10 sorts last
+  assert arms.plate_subset(path, 0.01, str(tmp_path / "one"))["groups"] == 1
+
+
+def test_flop_equal_plans_fall_back_to_equal_wall_time():
+  ref_cfg = arms.arm_config(arms.ARMS_BY_NAME[arms.REFERENCE])
+  ref = arms.reference_plan(ref_cfg, 1003, step_time=0.1, eval_points=3)
+  assert ref["total_steps"] == 1000 and ref["train_seconds"] == pytest.approx(100)
+  munet = arms.arm_config(arms.ARMS_BY_NAME["munet"])
+  plan = arms.flop_equal_plan(ref, munet, step_time=1.0)
+  per_step = munet.batch_size * arms.train_flops_per_image(munet)
+  assert plan["rule"] == "equal_flops" and abs(plan["flops"] - ref["flops"]) <= per_step / 2
+  slow = arms.flop_equal_plan(ref, munet, step_time=10.0, wall_cap=2.0)
+  assert slow["rule"] == "equal_wall_time" and slow["total_steps"] == 10
+  assert slow["flop_equal_steps"] == plan["total_steps"]
+  assert arms.flop_equal_plan(ref, munet)["rule"] == "equal_flops"  # no step time: FLOPs
+
+
+def test_grid_widths_keep_the_reference_recipe():
+  ref = arms.arm_config(arms.ARMS_BY_NAME[arms.REFERENCE])
+  same = arms.width_config(int(ref.model.width))
+  assert same.model.to_dict() == ref.model.to_dict()
+  wide = arms.width_config(128)
+  assert (wide.model.width, wide.model.num_heads, wide.model.mlp_dim) == (128, 4, 512)
+  assert arms.train_flops_per_image(wide) > 2 * arms.train_flops_per_image(ref)
+
+
+def _entry(r, pairs=100):
+  rows = {s: {"recall": r, "se": math.sqrt(r * (1 - r) / pairs), "pairs": pairs}
+          for s in report.SOURCES}
+  return {"recall": rows, "mean": report.source_mean(rows)}
+
+
+def test_verdicts_read_differences_against_their_standard_errors():
+  strong, weak = _entry(0.6), _entry(0.3)
+  assert report.compare(strong, weak)["verdict"] == "holds"
+  assert report.compare(weak, strong)["verdict"] == "does not hold"
+  assert report.compare(_entry(0.32), weak)["verdict"] == "within noise"
+  c = report.compare(strong, weak)
+  assert c["se"] == pytest.approx(math.hypot(math.sqrt(0.24 / 100), math.sqrt(0.21 / 100)))
+  rel = report.relative(strong, weak)["CORUM"]
+  assert rel["value"] == pytest.approx(1.0) and rel["se"] > 0
+  rising = [{"train_flops": 10.0 ** k, **_entry(0.2 + 0.1 * k)} for k in range(5)]
+  assert report.spearman(rising)["verdict"] == "holds"
+  assert report.spearman(rising)["rho"] == pytest.approx(1.0)
+  flat = [{"train_flops": 10.0 ** k, **_entry(0.3 + 0.01 * (k % 2))} for k in range(5)]
+  assert report.spearman(flat)["verdict"] == "within noise"
+  seeds = report.combine([{**_entry(v), "uncorrected": {s: 0.1 for s in report.SOURCES},
+                           "mean_uncorrected": 0.1, "tvn_no_arm": {s: v for s in report.SOURCES},
+                           "mean_tvn_no_arm": v, "arm_mates": {"before": 0.2, "after": 0.0}}
+                          for v in (0.4, 0.5, 0.6)])
+  se = seeds["recall"]["CORUM"]["se"]
+  assert seeds["recall"]["CORUM"]["recall"] == pytest.approx(0.5)
+  assert se == pytest.approx(math.sqrt(0.25 / 100 + 0.1 ** 2 / 3))
+
+
+def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, tmp_path):
+  """stride 2 on 64² sites with 32² tiles keeps tile (0, 0) of each site."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mae_jax.demo import stages  # pylint: disable=g-import-not-at-top
+  from mae_jax.experiments import runs  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import registry  # pylint: disable=g-import-not-at-top
+  out = killed_and_resumed[0]
+  manifest = str(out / "shards" / "manifest.json")
+  cfg = arms.arm_config(arms.ARMS_BY_NAME[arms.REFERENCE], tiny=True)
+  runs.embed({"manifest": manifest}, str(tmp_path / "w.npz"), 2, model_cfg=cfg.model, seed=5)
+  emb, meta = stages.load_wells(str(tmp_path / "w.npz"))
+  with nnx.use_eager_sharding(False):
+    model = registry.build_model(cfg.model, seed=5)
+  tiles = [b for b in input_pipeline.eval_tiles(manifest, tile_size=32, batch_size=4096)]
+  images = np.concatenate([b["image"] for b in tiles])
+  sites = np.concatenate([b["site"] for b in tiles])
+  first = np.r_[True, sites[1:] != sites[:-1]]
+  want = np.asarray(model.embed(jnp.asarray(images[first])))
+  site_meta = input_pipeline.site_metadata(manifest)
+  order = {m["well_id"]: i for i, m in enumerate(site_meta)}
+  np.testing.assert_allclose(emb, want[[order[w] for w in meta["well_id"]]], atol=2e-5, rtol=1e-4)
