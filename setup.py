@@ -47,5 +47,7 @@ setup(
         "cuda12": ["jax[cuda12]"],
         # TensorFlow CPU, only to cross-read our TFRecord shards with tf.data in a test.
         "interop": ["tensorflow-cpu>=2.21"],
+        # CellProfiler features for the study's hand-crafted arm (mae_jax/demo/cellprofiler.py).
+        "cellprofiler": ["cp_measure>=0.3"],
     },
 )

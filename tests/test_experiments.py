@@ -20,7 +20,8 @@ SCREEN = ["--genes=40", "--guides=2", "--experiments=2", "--plates=2", "--contro
           "--image_size=64", "--seed=3"]
 TINY = ["--tiny", "--steps=4", "--workers=1"]
 EVERY_ARM = {a.name for a in arms.ARMS} | {f"random_init_{n}" for n in arms.NETWORK_LABELS} | {
-    "pixel_stats"}
+    "pixel_stats", "cellprofiler"}
+STYLES = ("default", "granular")
 VERDICTS = {"holds", "does not hold", "within noise", "not scored"}
 
 
@@ -39,14 +40,22 @@ def suite(*args, cache_dir, **kw):
 
 
 def stage_lines(stderr, word):
-  """Stage names the log says were `word` ("running" or "reusing ...")."""
-  return {l.split(":")[1].strip() for l in stderr.splitlines()
-          if l.startswith("experiments: ") and l.split(":")[2].strip().startswith(word)}
+  """(screen, stage) of the log lines `experiments[SCREEN]: STAGE: WORD...` ("running" or
+  "reusing ...")."""
+  out = set()
+  for l in stderr.splitlines():
+    head, _, rest = l.partition("]: ")
+    if head.startswith("experiments[") and rest.count(":") >= 1:
+      stage, _, what = rest.partition(":")
+      if what.strip().startswith(word):
+        out.add((head[len("experiments["):], stage.strip()))
+  return out
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory, cache_dir):
-  """The tiny suite, SIGKILLed once the scaling grid starts training, then run again."""
+  """The tiny suite on both styles, SIGKILLed once the first style's scaling grid starts
+  training, then run again."""
   out = tmp_path_factory.mktemp("study") / "out"
   cmd = [sys.executable, "-m", "mae_jax.experiments", f"--out={out}", *TINY, *SCREEN]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env(cache_dir), stdout=subprocess.DEVNULL,
@@ -55,23 +64,41 @@ def killed_and_resumed(tmp_path_factory, cache_dir):
   try:
     for line in proc.stderr:
       first.append(line)
-      if line.startswith("experiments: train_grid_") and line.rstrip().endswith("running"):
+      if line.startswith("experiments[default]: train_grid_") and line.rstrip().endswith(
+          "running"):
         os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
         break
   finally:
     proc.kill()
     proc.wait(timeout=60)
-  assert any(l.startswith("experiments: train_grid_") for l in first), "".join(first[-20:])
-  timings = {k: json.loads((out / k).read_text()) for k in ("timings.json", "runs/timings.json")}
+  assert any(l.startswith("experiments[default]: train_grid_") for l in first), "".join(
+      first[-20:])
+  timings = {k: json.loads((out / "default" / k).read_text())
+             for k in ("timings.json", "runs/timings.json")}
   second = suite(*cmd[3:], cache_dir=cache_dir)
   assert second.returncode == 0, second.stderr[-3000:]
   return out, "".join(first), timings, second, cmd[3:]
 
 
-def test_report_has_every_arm_scored_the_same_way(killed_and_resumed):
+def test_report_has_every_arm_on_both_styles(killed_and_resumed):
   out, _, _, proc, _ = killed_and_resumed
-  data = json.loads((out / "report.json").read_text())
-  assert json.loads(proc.stdout.strip().splitlines()[-1]) == data  # last stdout line = report
+  study = json.loads((out / "report.json").read_text())
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == study  # last stdout line = report
+  assert set(study["screens"]) == set(STYLES) and study["tuned_on"] == "default"
+  assert study["held_out"] == ["granular"]
+  for c in study["claims"].values():
+    assert set(c["verdicts"]) == set(STYLES) and set(c["verdicts"].values()) <= VERDICTS
+  text = (out / "report.md").read_text()
+  assert "tuned on the `default` style only" in text and "### Screen `granular`" in text
+  for style in STYLES:
+    data = study["screens"][style]
+    assert data["screen"]["style"] == style
+    assert data == json.loads((out / style / "report.json").read_text())
+    check_screen_report(out / style, data)
+  assert study["screens"]["default"]["arms"]["cellprofiler"]["field_px"] == 64
+
+
+def check_screen_report(out, data):
   assert set(data["arms"]) == EVERY_ARM | {"ceiling"}
   for name, a in data["arms"].items():
     assert set(a["recall"]) == set(report.SOURCES), name
@@ -100,7 +127,7 @@ def test_report_has_every_arm_scored_the_same_way(killed_and_resumed):
   for c in data["claims"].values():
     assert c["verdict"] in VERDICTS
   assert set(data["claims"]) >= {"mae_beats_wsl", "patch8_beats_patch16", "mask75_beats_mask25",
-                                 "recall_rises_with_flops"}
+                                 "recall_rises_with_flops", "mae_beats_handcrafted"}
   assert set(data["relative_improvement"]) >= set(report.SOURCES)
   for name in report.FIGURES:
     assert (out / name).stat().st_size > 5000
@@ -110,20 +137,22 @@ def test_report_has_every_arm_scored_the_same_way(killed_and_resumed):
 
 def test_rerun_after_a_kill_redoes_no_finished_stage(killed_and_resumed, cache_dir):
   out, first, before, proc, args = killed_and_resumed
-  finished = {k for book in before.values() for k in book["stages"]}
-  assert {"screen", "shards", "pixel_stats", f"train_{arms.REFERENCE}_s0", "train_wsl_s0",
-          "loss_wsl_s0"} <= finished
+  finished = {("default", k) for book in before.values() for k in book["stages"]}
+  assert {("default", k) for k in ("screen", "shards", "pixel_stats", "cellprofiler",
+                                   f"train_{arms.REFERENCE}_s0", "train_wsl_s0",
+                                   "loss_wsl_s0")} <= finished
   assert not finished & stage_lines(proc.stderr, "running")
   assert finished <= stage_lines(proc.stderr, "reusing")
   for key, book in before.items():  # their first timings stand
-    after = json.loads((out / key).read_text())["stages"]
+    after = json.loads((out / "default" / key).read_text())["stages"]
     assert {k: after[k] for k in book["stages"]} == book["stages"]
-  in_flight = [l.split(":")[1].strip() for l in first.splitlines() if l.endswith("running")][-1]
-  assert in_flight in stage_lines(proc.stderr, "running")
-  # A third run reuses everything but the scoring pass (which reuses its recall.json files).
+  in_flight = sorted(stage_lines(first, "running") - finished)
+  assert len(in_flight) == 1 and in_flight[0] in stage_lines(proc.stderr, "running")
+  assert ("granular", "screen") in stage_lines(proc.stderr, "running")
+  # A third run reuses everything but the scoring passes (which reuse their recall.json files).
   again = suite(*args, cache_dir=cache_dir)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert stage_lines(again.stderr, "running") == {"score"}
+  assert stage_lines(again.stderr, "running") == {(s, "score") for s in STYLES}
 
 
 def test_manifest_of_a_converted_screen_without_ground_truth(tmp_path, cache_dir):
@@ -140,22 +169,54 @@ def test_manifest_of_a_converted_screen_without_ground_truth(tmp_path, cache_dir
   proc = suite(f"--out={tmp_path / 'out'}", f"--manifest={shards / 'manifest.json'}",
                f"--expression={expression}", *TINY, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  data = json.loads(proc.stdout.strip().splitlines()[-1])
+  study = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert list(study["screens"]) == ["manifest"] and study["tuned_on"] is None
+  data = study["screens"]["manifest"]
   assert set(data["arms"]) == EVERY_ARM and not data["ground_truth"]
   assert data["arms"]["pixel_stats"]["recall"]["StringDB"]["recall"] is not None
-  assert not (tmp_path / "out" / "screen").exists()
-  assert "arms_corrected" in json.loads((tmp_path / "out" / "features" / "recall_pixel_stats" /
-                                         "tvn" / "recall.json").read_text())["arm_correction"]
+  assert not (tmp_path / "out" / "manifest" / "screen").exists()
+  assert "arms_corrected" in json.loads((tmp_path / "out" / "manifest" / "features" /
+                                         "recall_pixel_stats" / "tvn" /
+                                         "recall.json").read_text())["arm_correction"]
 
 
 def test_user_errors_are_one_line(tmp_path, cache_dir):
   for args in (["--suite=huge"], ["--budget_minutes=-1"], [f"--manifest={tmp_path / 'none'}"],
-               [f"--manifest={tmp_path}", "--style=other"], ["--seeds=0"]):
+               [f"--manifest={tmp_path}", "--styles=granular"], ["--seeds=0"],
+               ["--styles=default,bold"], ["--styles=default,default"]):
     proc = suite(f"--out={tmp_path / 'x'}", *args, cache_dir=cache_dir)
     assert proc.returncode == 2, (args, proc.stderr)
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("mae_jax.experiments: error: "), proc.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_the_study_knows_every_synthetic_style():
+  from data_prep import styles  # pylint: disable=g-import-not-at-top
+  from mae_jax.experiments import __main__ as experiments  # pylint: disable=g-import-not-at-top
+  assert set(experiments.STYLES) == set(styles.STYLES) and experiments.TUNED_ON == styles.DEFAULT
+
+
+def test_cellprofiler_features_of_a_site():
+  from mae_jax.demo import cellprofiler  # pylint: disable=g-import-not-at-top
+  assert cellprofiler.available() is None, cellprofiler.available()
+  yy, xx = np.mgrid[:96, :96]
+  image = np.full((96, 96, 6), 200, np.uint16)
+  for k, (cy, cx) in enumerate(((24, 24), (24, 70), (70, 40))):  # three cells, a nucleus each
+    r = np.hypot(yy - cy, xx - cx)
+    image[..., 1:][r < 14] += np.uint16(800 + 300 * k)
+    image[..., 0][r < 6] += 3000
+  nuclei, cells = cellprofiler.segment(image)
+  assert nuclei.max() == cells.max() == 3
+  assert ((nuclei > 0) <= (cells > 0)).all()  # every nucleus lies inside its cell
+  feats = cellprofiler.site_features(image, field=96)
+  names = cellprofiler.feature_names(6)
+  assert feats.shape == (len(names),) and feats.dtype == np.float32 and np.isfinite(feats).all()
+  assert feats[names.index("nuclei_count")] == 3
+  area = [i for i, n in enumerate(names) if n.startswith("cells_sizeshape_") and "Area" in n][0]
+  assert feats[area] > 300  # pi 14² ~ 615 px
+  blank = cellprofiler.site_features(np.zeros((64, 64, 6), np.uint16))
+  assert blank.shape == feats.shape and not blank.any()  # no objects: zeros, not an error
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -243,7 +304,7 @@ def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, t
   from mae_jax.demo import stages  # pylint: disable=g-import-not-at-top
   from mae_jax.experiments import runs  # pylint: disable=g-import-not-at-top
   from mae_jax.models import registry  # pylint: disable=g-import-not-at-top
-  out = killed_and_resumed[0]
+  out = killed_and_resumed[0] / "default"
   manifest = str(out / "shards" / "manifest.json")
   cfg = arms.arm_config(arms.ARMS_BY_NAME[arms.REFERENCE], tiny=True)
   runs.embed({"manifest": manifest}, str(tmp_path / "w.npz"), 2, model_cfg=cfg.model, seed=5)
@@ -258,3 +319,17 @@ def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, t
   site_meta = input_pipeline.site_metadata(manifest)
   order = {m["well_id"]: i for i, m in enumerate(site_meta)}
   np.testing.assert_allclose(emb, want[[order[w] for w in meta["well_id"]]], atol=2e-5, rtol=1e-4)
+
+
+def test_readme_block_and_figures(killed_and_resumed, tmp_path):
+  from mae_jax.experiments import screens  # pylint: disable=g-import-not-at-top
+  out = killed_and_resumed[0]
+  readme = tmp_path / "README.md"
+  readme.write_text("# x\n\n<!-- experiments:begin -->\nold\n<!-- experiments:end -->\n\nrest\n")
+  screens.update_readme(str(readme), str(out), json.loads((out / "report.json").read_text()))
+  text = readme.read_text()
+  assert "old" not in text and text.endswith("rest\n") and "### Screen `granular`" in text
+  for style in STYLES:
+    for name in report.FIGURES:
+      assert (tmp_path / "bench" / "results" / "experiments" / f"{style}_{name}").exists()
+      assert f"](bench/results/experiments/{style}_{name})" in text

@@ -131,31 +131,40 @@ def site_features(image: np.ndarray) -> np.ndarray:
   return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _site_function(kind, options):
+  if kind == "cellprofiler":
+    from mae_jax.demo import cellprofiler  # pylint: disable=g-import-not-at-top
+    return lambda image: cellprofiler.site_features(image, **options)
+  return site_features
+
+
 def _features_of_range(args):
-  manifest, start, stop = args
+  manifest, start, stop, kind, options = args
   from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  features = _site_function(kind, options)
   _, source = input_pipeline.open_dataset(manifest)
   try:
     rows = []
     for i in range(start, stop):
       payload = source.read_view(i)
-      rows.append(site_features(source.decode_image(i, payload)))
+      rows.append(features(source.decode_image(i, payload)))
     return start, np.stack(rows)
   finally:
     source.close()
 
 
 def manifest_features(manifest, *, workers: int | None = None, chunk: int = 32,
-                      progress=None):
+                      progress=None, kind: str = "pixel_stats", **options):
   """(site features (S, F) float32, site metadata list) of every site in `manifest`.
 
-  Sites are split into chunks over `workers` spawn processes (default: the CPU count);
-  `progress(done, total)` is called as chunks finish.
+  `kind`: "pixel_stats" (site_features here) or "cellprofiler" (mae_jax/demo/cellprofiler.py,
+  `options` go to its site_features). Sites are split into chunks over `workers` spawn
+  processes (default: the CPU count); `progress(done, total)` is called as chunks finish.
   """
   from mae_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   meta = input_pipeline.site_metadata(manifest)
   n = len(meta)
-  tasks = [(str(manifest), s, min(s + chunk, n)) for s in range(0, n, chunk)]
+  tasks = [(str(manifest), s, min(s + chunk, n), kind, options) for s in range(0, n, chunk)]
   workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
   if workers == 1:
     return _collect(map(_features_of_range, tasks), n, progress), meta

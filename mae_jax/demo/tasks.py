@@ -41,17 +41,18 @@ def make_ceiling(paths, path):
   stages.save_wells(path, truth.loc[meta["well_id"]].to_numpy(np.float32), meta)
 
 
-def make_pixel_stats(paths, path, workers):
+def make_pixel_stats(paths, path, workers, kind="pixel_stats", **options):
+  """Hand-crafted well features: pixel statistics, or CellProfiler's (kind="cellprofiler")."""
   from eval import embed  # pylint: disable=g-import-not-at-top
   from mae_jax.demo import baselines  # pylint: disable=g-import-not-at-top
   step = {"next": 0.0}
 
   def progress(done, total):
     if done >= step["next"] * total:
-      log(f"pixel statistics: {done}/{total} sites")
+      log(f"{kind}: {done}/{total} sites")
       step["next"] += 0.25
   feats, site_meta = baselines.manifest_features(paths["manifest"], workers=workers,
-                                                 progress=progress)
+                                                 progress=progress, kind=kind, **options)
   stages.save_wells(path, *embed.wells_from_sites(feats, site_meta))
 
 

@@ -1,23 +1,29 @@
 r"""The paper's study as one command: every arm on one screen, one budget, one scoring.
 
   python -m mae_jax.experiments --out=DIR [--suite=quick|full] [--budget_minutes=M] [--seeds=N]
-      [--style=default] [--manifest=SHARDS/manifest.json --expression=CSV]
+      [--styles=default,granular] [--manifest=SHARDS/manifest.json --expression=CSV]
+      [--readme=README.md]
 
-Stages (each skipped once its output exists, so a rerun reuses finished work and an interrupted
-suite loses at most the stage in flight; training resumes from its newest checkpoint):
-  1. screen, shards   the synthetic screen (data_prep.synthetic, --style passed through) and its
-                      shards, as mae_jax.demo does; or the converted screen of --manifest
+Every arm runs on each synthetic screen style in DIR/<style>/ (the demo's recipe was tuned on
+`default` only, so `granular` is a screen it was not tuned on), or on the one converted screen of
+--manifest in DIR/manifest/. Stages per screen (each skipped once its output exists, so a rerun
+reuses finished work and an interrupted suite loses at most the stage in flight; training
+resumes from its newest checkpoint):
+  1. screen, shards   the synthetic screen (data_prep.synthetic --style) and its shards, as
+                      mae_jax.demo does; or the converted screen of --manifest
   2. subsets          DIR/subsets/plates_<P>/manifest.json: the grid's smaller training sets
-  3. ceiling, pixel_stats   the true phenotypes (only with ground truth) and pixel statistics
+  3. ceiling, pixel_stats, cellprofiler   the true phenotypes (only with ground truth), pixel
+                      statistics and CellProfiler features (cp_measure, when installed)
   4. plan_<arm>       a timed probe of the reference (ViT MAE p8, mask 0.75): --budget_minutes
                       of its steps set the training FLOPs every arm gets (mae_jax/experiments/arms.py)
   5. train_<run>, embed_<run>_step_<N>, loss_<run>   the main arms (x --seeds), then the scaling
                       grid: ViT widths x plate fractions, each scored at several checkpoints
   6. embed_random_<network>   each network at random init
   7. score            TVN + arm centring, uncorrected, TVN without arm centring (as the demo)
-  8. report           DIR/report.json (docs/interfaces.md §3), report.md, recall.png,
-                      scaling.png, relative.png (mae_jax/experiments/report.py)
-The last stdout line is report.json.
+  8. report           DIR/<style>/report.json, report.md, recall.png, scaling.png,
+                      relative.png (mae_jax/experiments/report.py)
+then DIR/report.json (docs/interfaces.md §3: every screen's report under "screens") and
+DIR/report.md. The last stdout line is DIR/report.json.
 """
 import dataclasses
 import json
@@ -38,7 +44,12 @@ _SUITE = flags.DEFINE_enum("suite", "quick", ["quick", "full"], "quick: <= 60 mi
 _BUDGET = flags.DEFINE_float("budget_minutes", None, "training minutes of the reference arm "
                              "(default: the suite's); every arm gets its training FLOPs")
 _SEEDS = flags.DEFINE_integer("seeds", None, "seeds of each main arm (default: the suite's)")
-_STYLE = flags.DEFINE_string("style", "default", "data_prep.synthetic --style of the screen")
+_STYLES = flags.DEFINE_list("styles", ["default", "granular"], "data_prep.synthetic --style "
+                            "of each screen the suite runs on")
+TUNED_ON = "default"  # the style configs/demo.py's recipe was chosen on
+# data_prep.synthetic's styles (data_prep/styles.py; an application does not import data_prep,
+# tests/test_experiments.py checks the two agree).
+STYLES = ("default", "granular")
 _MANIFEST = flags.DEFINE_string("manifest", None, "run on this converted screen instead of the "
                                 "synthetic one (the ceiling needs its ground truth)")
 _EXPRESSION = flags.DEFINE_string("expression", None, "gene,zFPKM CSV (or u2os) for arm "
@@ -48,6 +59,8 @@ _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "processes for r
 _STEPS = flags.DEFINE_integer("steps", None, "reference steps instead of a timed probe (every "
                               "arm then gets equal FLOPs)")
 _TINY = flags.DEFINE_bool("tiny", False, "toy networks and grid (tests)")
+_README = flags.DEFINE_string("readme", None, "rewrite the study block of this README from "
+                              "DIR/report.json and copy the figures to bench/results/experiments/")
 for _name in SCREEN_FLAGS:
   flags.DEFINE_integer(_name, None, f"data_prep.synthetic --{_name} (default: its own)")
 
@@ -65,7 +78,7 @@ def suite():
 def settings(s):
   """What a finished stage in DIR depends on: a rerun with other values is refused."""
   return {"suite": s.name, "budget_minutes": s.budget_minutes, "tiny": _TINY.value,
-          "style": _STYLE.value, "steps": _STEPS.value,
+          "styles": screens(), "steps": _STEPS.value,
           "manifest": os.path.abspath(_MANIFEST.value) if _MANIFEST.value else None,
           "expression": _EXPRESSION.value,
           "screen": {n: flags.FLAGS[n].value for n in SCREEN_FLAGS}}
@@ -84,12 +97,16 @@ def check_settings(out, s):
   stages.write_json(path, want)
 
 
-def make_screen(paths):
-  args = ["data_prep.synthetic", f"--out={paths['screen']}", f"--workers={_WORKERS.value}"]
-  args += [f"--{n}={flags.FLAGS[n].value}" for n in SCREEN_FLAGS
-           if flags.FLAGS[n].value is not None]
-  if _STYLE.value != "default":
-    args.append(f"--style={_STYLE.value}")
+def screens():
+  """The screens the suite runs on: the synthetic styles, or "manifest"."""
+  return ["manifest"] if _MANIFEST.value else list(_STYLES.value)
+
+
+def make_screen(paths, style, s):
+  chosen = {**dict(s.screen), **{n: flags.FLAGS[n].value for n in SCREEN_FLAGS
+                                  if flags.FLAGS[n].value is not None}}
+  args = ["data_prep.synthetic", f"--out={paths['screen']}", f"--workers={_WORKERS.value}",
+          f"--style={style}"] + [f"--{n}={v}" for n, v in chosen.items()]
   stages.run_module(args, "data_prep.synthetic")
 
 
@@ -181,22 +198,37 @@ def run_specs(paths, s, plans, subsets):
   return specs, grid
 
 
-def pipeline(out):
+def study(out):
+  """Every screen's study in DIR/<screen>/, then DIR/report.json and report.md over them."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mae_jax.experiments import report, runs  # pylint: disable=g-import-not-at-top
-  stages.PREFIX = "experiments"
+  from mae_jax.experiments import screens as screens_report  # pylint: disable=g-import-not-at-top
   s = suite()
   check_settings(out, s)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the caller's (tests share one)
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  by_screen, settings = {}, stages.read_json(os.path.join(out, "study.json"))
+  for name in screens():
+    stages.PREFIX = f"experiments[{name}]"  # every stage's log line names its screen
+    by_screen[name] = pipeline(os.path.join(out, name), name, s, settings)
+  stages.PREFIX = "experiments"
+  data = screens_report.combine_screens(
+      by_screen, tuned_on=None if _MANIFEST.value else TUNED_ON, settings=settings)
+  screens_report.write_study(out, data)
+  return data
+
+
+def pipeline(out, style, s, settings):
+  """One screen's study in `out` (its report.json is that screen's entry in DIR/report.json)."""
+  from mae_jax.demo import cellprofiler  # pylint: disable=g-import-not-at-top
+  from mae_jax.experiments import report, runs  # pylint: disable=g-import-not-at-top
   paths = data_paths(out)
   for k in ("features", "runs"):
     os.makedirs(paths[k], exist_ok=True)
   timer = stages.Timer(out, paths["runs"])
   if not _MANIFEST.value:
     screen_json = os.path.join(paths["screen"], "ground_truth", "screen.json")
-    timer.stage("screen", screen_json, lambda: make_screen(paths))
+    timer.stage("screen", screen_json, lambda: make_screen(paths, style, s))
     timer.stage("shards", paths["manifest"], lambda: tasks.make_shards(paths, _WORKERS.value))
   subsets = {1.0: paths["manifest"]}
   for fraction in s.fractions:
@@ -212,6 +244,13 @@ def pipeline(out):
                 lambda: tasks.make_ceiling(paths, features["ceiling"]))
   timer.stage("pixel_stats", features["pixel_stats"],
               lambda: tasks.make_pixel_stats(paths, features["pixel_stats"], _WORKERS.value))
+  skipped = {}
+  if cellprofiler.available() is None:
+    features["cellprofiler"] = os.path.join(paths["features"], "cellprofiler.npz")
+    timer.stage("cellprofiler", features["cellprofiler"], lambda: tasks.make_pixel_stats(
+        paths, features["cellprofiler"], _WORKERS.value, "cellprofiler", field=s.cp_field))
+  else:
+    skipped["cellprofiler"] = cellprofiler.available()
 
   plans = plan_all(timer, paths, s)
   specs, grid = run_specs(paths, s, plans, subsets)
@@ -268,10 +307,10 @@ def pipeline(out):
   done = {name: stages.read_json(os.path.join(paths["runs"], name, "train_done.json"))
           for name in specs}
   data = report.build(
-      suite=s, settings=stages.read_json(os.path.join(out, "study.json")), plans=plans,
+      suite=s, settings=settings, plans=plans,
       specs=specs, grid=grid, steps_of=steps_of, loss_of=loss_of, done=done, scores=scores,
       networks=networks, paths=paths, device=tasks.describe_device(), timing=timer.summary(),
-      subsets={f: report.subset_info(p) for f, p in subsets.items()})
+      subsets={f: report.subset_info(p) for f, p in subsets.items()}, skipped=skipped)
   report.write(out, data)
   return data
 
@@ -289,15 +328,23 @@ def main(argv):
     raise cli.UserError(f"--steps={_STEPS.value}: expected a positive integer")
   if _MANIFEST.value and not os.path.exists(_MANIFEST.value):
     raise cli.UserError(f"--manifest={_MANIFEST.value}: no such file or folder")
-  if _MANIFEST.value and (_STYLE.value != "default" or any(
+  if _MANIFEST.value and (flags.FLAGS["styles"].present or any(
       flags.FLAGS[n].value is not None for n in SCREEN_FLAGS)):
-    raise cli.UserError("--manifest runs on a converted screen: --style and the screen flags "
+    raise cli.UserError("--manifest runs on a converted screen: --styles and the screen flags "
                         "apply only to the synthetic screen")
+  unknown = [x for x in _STYLES.value if x not in STYLES]
+  if unknown or not _STYLES.value or len(set(_STYLES.value)) != len(_STYLES.value):
+    raise cli.UserError(f"--styles={','.join(_STYLES.value)}: expected distinct styles of "
+                        f"{', '.join(STYLES)}")
+  if _README.value and not os.path.exists(_README.value):
+    raise cli.UserError(f"--readme={_README.value}: no such file")
   if _EXPRESSION.value and _EXPRESSION.value != "u2os" and not os.path.exists(_EXPRESSION.value):
     raise cli.UserError(f"--expression={_EXPRESSION.value}: no such file")
-  from mae_jax.experiments import report  # pylint: disable=g-import-not-at-top
-  data = pipeline(os.path.abspath(_OUT.value))
-  print(json.dumps(report.public(data)), flush=True)
+  from mae_jax.experiments import screens as screens_report  # pylint: disable=g-import-not-at-top
+  data = study(os.path.abspath(_OUT.value))
+  if _README.value:
+    screens_report.update_readme(_README.value, os.path.abspath(_OUT.value), data)
+  print(json.dumps(data), flush=True)
 
 
 if __name__ == "__main__":

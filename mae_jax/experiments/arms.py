@@ -65,15 +65,19 @@ class Suite:
   probe_steps: int = 40  # the reference probe (configs/demo.py: steady after ~20 steps)
   arm_probe_steps: int = 12  # the other arms' probes (only to decide FLOPs vs wall time)
   loss_crops: int = 256  # held-out crops of the MAEs' loss (mae_jax/demo/tasks.py)
+  cp_field: int = 128  # CellProfiler features of the centre field² pixels of each site
+  screen: tuple = ()  # data_prep.synthetic flags of the suite's screens, (name, value) pairs
 
 
 SUITES = {
-    # 2 min of reference training, widths up to the reference's, a quarter of each site's tiles:
-    # sized by measured step and embedding times to finish in <= 60 min on 2 CPU cores
-    # (docs/science.md §8).
-    "quick": Suite("quick", 2.0, 1, (16, 32, 64), (0.25, 1.0), 3, 2),
+    # Two screens of 256² sites, 45 s of reference training, widths up to the reference's, a
+    # quarter of each site's tiles: sized by measured stage times to finish in <= 60 min on 2 CPU
+    # cores (docs/science.md §8).
+    "quick": Suite("quick", 0.75, 1, (16, 32, 64), (0.25, 1.0), 3, 2, wall_cap=1.5,
+                   probe_steps=30, arm_probe_steps=8, cp_field=96,
+                   screen=(("image_size", 256),)),
     # 10x the reference budget, 3 seeds, widths up to 2x the reference's, every tile.
-    "full": Suite("full", 20.0, 3, (32, 64, 128), (0.25, 1.0), 4, 1),
+    "full": Suite("full", 20.0, 3, (32, 64, 128), (0.25, 1.0), 4, 1, cp_field=512),
 }
 # --tiny (tests): every network at toy size on 32² crops, so the whole suite runs in seconds.
 TINY = {
@@ -87,7 +91,7 @@ TINY = {
     "all": (("batch_size", 8), ("log_every", 1)),
 }
 TINY_SUITE = Suite("tiny", 0.05, 1, (8, 16, 24), (0.5, 1.0), 3, 2, probe_steps=6,
-                   arm_probe_steps=4, loss_crops=64)
+                   arm_probe_steps=4, loss_crops=64, cp_field=64)
 
 
 def set_key(c, dotted, value):

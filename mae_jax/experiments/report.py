@@ -164,7 +164,7 @@ def _flops(spec, step):
 
 
 def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, scores, networks,
-          paths, device, timing, subsets) -> dict:
+          paths, device, timing, subsets, skipped=None) -> dict:
   out = {}
   for arm in arms.ARMS:
     runs = []
@@ -190,6 +190,10 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
         "steps": 0, **entry(scores[f"random_init_{network}"])}
   out["pixel_stats"] = {"label": "pixel statistics", "group": "baseline", "train_flops": 0.0,
                         **entry(scores["pixel_stats"])}
+  if "cellprofiler" in scores:
+    out["cellprofiler"] = {"label": "CellProfiler features (cp_measure)", "group": "baseline",
+                           "train_flops": 0.0, "field_px": suite.cp_field,
+                           **entry(scores["cellprofiler"])}
   if "ceiling" in scores:
     out["ceiling"] = {"label": "true phenotypes (ceiling)", "group": "baseline",
                       "train_flops": 0.0, **entry(scores["ceiling"])}
@@ -222,6 +226,11 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
           "statement": "the trained ViT MAE beats the same network at random init",
           **compare(ref, out[f"random_init_{arms.ARMS_BY_NAME[arms.REFERENCE].network}"])},
   }
+  crafted = max((out[k] for k in ("pixel_stats", "cellprofiler") if k in out),
+                key=lambda a: -1.0 if a["mean"]["recall"] is None else a["mean"]["recall"])
+  claims["mae_beats_handcrafted"] = {
+      "statement": f"the ViT MAE beats the best hand-crafted features ({crafted['label']})",
+      **compare(ref, crafted)}
   rules = {a: out[a]["budget_rule"] for a in arms.ARMS_BY_NAME}
   return {
       "suite": suite.name, "settings": settings, "device": device,
@@ -238,6 +247,7 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
                                "mae": arms.REFERENCE, "wsl": "wsl",
                                **relative(ref, out["wsl"])},
       "claims": claims, "subsets": {str(k): v for k, v in subsets.items()}, "timing": timing,
+      "skipped": dict(skipped or {}),
   }
 
 
@@ -313,9 +323,10 @@ def plot_scaling(data, path):
                   yerr=[_nan(p["mean"]["se"]) for p in pts], color=f"C{i}",
                   marker=markers[j % len(markers)], ls="-" if f == 1.0 else "--", ms=5,
                   capsize=2, lw=1, label=f"width {w}, {round(100 * f)} % of plates")
-  for name, style in (("pixel_stats", "--"), ("ceiling", "-.")):
+  for name, style, color in (("pixel_stats", "--", "k"), ("cellprofiler", ":", "k"),
+                             ("wsl", "--", "C3"), ("ceiling", "-.", "k")):
     if name in data["arms"]:
-      ax.axhline(_nan(data["arms"][name]["mean"]["recall"]), color="k", ls=style, lw=0.8,
+      ax.axhline(_nan(data["arms"][name]["mean"]["recall"]), color=color, ls=style, lw=0.8,
                  label=data["arms"][name]["label"])
   ax.axhline(CHANCE, color="grey", lw=0.8, label="chance")
   ax.set_xscale("log")
@@ -421,6 +432,7 @@ def markdown(data):
             f"{t['load_average']['min']:.1f}–{t['load_average']['max']:.1f} on {t['cpus']} "
             "cores. Stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in t["stages_s"].items()),
             ""]
+  lines += [f"Not run: {k} ({why})." for k, why in data.get("skipped", {}).items()]
   lines += ["![recall per arm and source](recall.png)", "",
             "![recall against training FLOPs](scaling.png)", "",
             "![relative improvement of the MAE over WSL](relative.png)", ""]
