@@ -328,7 +328,7 @@ def test_readme_block_and_figures(killed_and_resumed, tmp_path):
   readme.write_text("# x\n\n<!-- experiments:begin -->\nold\n<!-- experiments:end -->\n\nrest\n")
   screens.update_readme(str(readme), str(out), json.loads((out / "report.json").read_text()))
   text = readme.read_text()
-  assert "old" not in text and text.endswith("rest\n") and "### Screen `granular`" in text
+  assert "\nold\n" not in text and text.endswith("rest\n") and "### Screen `granular`" in text
   for style in STYLES:
     for name in report.FIGURES:
       assert (tmp_path / "bench" / "results" / "experiments" / f"{style}_{name}").exists()
