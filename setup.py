@@ -49,5 +49,9 @@ setup(
         "interop": ["tensorflow-cpu>=2.21"],
         # CellProfiler features for the study's hand-crafted arm (mae_jax/demo/cellprofiler.py).
         "cellprofiler": ["cp_measure>=0.3"],
+        # data_prep.convert --runner=...: the conversion as an Apache Beam pipeline. 2.71 is the
+        # newest that coexists with cp_measure's pillow<12 (2.72+ need pillow>=12.1.1); it brings
+        # protobuf 6.33, pyarrow 18 and grpcio 1.65 (docs/data_layouts.md §5).
+        "beam": ["apache-beam>=2.71"],
     },
 )

@@ -9,6 +9,10 @@ Layouts (docs/data_layouts.md):
               2048² 16-bit
   rxrx3_core  *.parquet under --root (rows: __key__, jp2 struct<bytes, path>), 512² 8-bit JPEG-2000,
               joined to metadata_rxrx3_core.csv when present
+  loaddata    CellProfiler LoadData CSVs (JUMP Cell Painting): --root is one CSV or a folder of
+              them; FileName_Orig<Ch>/PathName_Orig<Ch> per channel of --channels (default
+              DNA,ER,RNA,AGP,Mito), Metadata_Plate/Well/Site, --perturbation_column; TIFF (one
+              per channel, or one multi-page TIFF per site) or PNG, 8/16-bit, any size
   manifest    a CSV (--root is the CSV or a folder holding sites.csv), one row per site; channel
               columns are --channel_columns, else every column named ch<N> or w<N> (any case), in
               CSV order; paths relative to the CSV; TIFF/PNG, 8/16-bit; the other columns become
@@ -20,9 +24,18 @@ Output: OUT/shards/{experiment}_P{plate}-{k:05d}.tfrecord (+ .idx, + .stats.json
 experiment, plate, well, site; OUT/manifest.json is written last. A shard is finished when its
 .tfrecord, .idx and .stats.json (which records what went in) exist and match the plan, so
 rerunning an interrupted command converts only the rest and gives byte-identical output.
+Every file is written under a temporary name and renamed when complete (mae_jax/util/files.py),
+so no reader sees half a shard. --out may be an object store (gs://...: etils.epath).
+
+With --runner (DirectRunner, PrismRunner, DataflowRunner, FlinkRunner, SparkRunner; the `beam`
+extra) the same shards are written by an Apache Beam pipeline, one shard per element
+(data_prep/beam_convert.py); other flags after it are Beam pipeline options:
+
+  python -m data_prep.convert --layout=loaddata --root=gs://b/load_data --out=gs://b/tfr \
+      --runner=DataflowRunner --project=P --region=us-central1 --temp_location=gs://b/tmp \
+      --setup_file=./setup.py                     (launch/README.md)
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,23 +46,16 @@ import signal
 import sys
 import time
 
-import numpy as np
-
 from data_prep import layouts
 from data_prep.layouts import common
 from data_prep.layouts.common import ConvertError, Site
+# One shard's writing, shared with the Beam pipeline (data_prep/beam_convert.py).
+from data_prep.shards import Task, clear_leftovers, finished, out_path, write_shard
 from mae_jax.data import records
-from mae_jax.util import cli, files, progress as progress_lib
+from mae_jax.util import cli, progress as progress_lib
 
-STATS_SUFFIX = ".stats.json"
+RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 PLAN_VERSION = 1
-
-
-@dataclasses.dataclass
-class Task:
-  path: str                # shard path relative to --out
-  sites: list[Site]
-  digest: str = ""         # of everything that goes into the shard; stored in its .stats.json
 
 
 # ---------------------------------------------------------------- planning
@@ -99,9 +105,9 @@ def probe(layout: str, site: Site, image_size: int, declared: dict | None = None
                        f"{declared['dtype']}")
   if image_size and (h, w) != (image_size, image_size):
     raise ConvertError(f"{where}: {h}x{w}, expected {image_size}x{image_size} "
-                       f"(--image_size={image_size}; 0 accepts any multiple of 256)")
-  if not image_size and (h % 256 or w % 256):
-    raise ConvertError(f"{where}: {h}x{w} is not a multiple of 256 (--image_size=0)")
+                       f"(--image_size={image_size}; 0 accepts any size)")
+  # --image_size=0: any height and width (JUMP's 1080², say), stored as they are; training crops
+  # and evaluation tiles fit inside (docs/data_layouts.md "Any image size").
   real_dtype = layouts.REAL_DTYPE[layout]
   if image_size == layouts.REAL_SIZE[layout] and real_dtype and image.dtype.name != real_dtype:
     raise ConvertError(f"{where}: {image.dtype}, but real {layout} sites of {h}x{w} are "
@@ -110,61 +116,7 @@ def probe(layout: str, site: Site, image_size: int, declared: dict | None = None
           "ref": site.key, "ref_source": common.describe(site.sources[0])}
 
 
-# ---------------------------------------------------------------- one shard (runs in a worker)
-
-
-def _check(site: Site, image: np.ndarray, expect: dict):
-  if list(image.shape) != expect["shape"] or image.dtype.name != expect["dtype"]:
-    got = f"{'x'.join(map(str, image.shape))} {image.dtype}"
-    want = f"{'x'.join(map(str, expect['shape']))} {expect['dtype']}"
-    raise ConvertError(f"site {site.key} ({common.describe(site.sources[0])}) is {got} but site "
-                       f"{expect['ref']} ({expect['ref_source']}) is {want}; all sites must match")
-
-
-def _channel_stats(hist: np.ndarray) -> dict:
-  """Exact integer sums from per-channel histograms (so reruns give identical floats)."""
-  out = {"pixels": int(hist[0].sum()), "sum": [], "sumsq": [], "min": [], "max": []}
-  for h in hist:
-    nz = np.flatnonzero(h)
-    counts = [int(n) for n in h[nz]]
-    values = [int(v) for v in nz]
-    out["sum"].append(sum(n * v for n, v in zip(counts, values)))
-    out["sumsq"].append(sum(n * v * v for n, v in zip(counts, values)))
-    out["min"].append(values[0] if values else 0)
-    out["max"].append(values[-1] if values else 0)
-  return out
-
-
-def write_shard(task: Task, out: str, expect: dict, on_site=None) -> dict:
-  path = os.path.join(out, task.path)
-  bins = 1 << (8 * np.dtype(expect["dtype"]).itemsize)
-  hist = np.zeros((expect["shape"][2], bins), np.int64)
-  with records.ShardWriter(path) as writer:
-    for site, planes in layouts.iter_planes(task.sites):
-      image = common.stack_site(site, planes)
-      _check(site, image, expect)
-      for c, plane in enumerate(planes):
-        hist[c] += np.bincount(plane.ravel(), minlength=bins)
-      writer.write(image, site.channels, site.metadata)
-      if on_site:
-        on_site()
-    stats = {"digest": task.digest, "records": writer.count, **_channel_stats(hist)}
-    # Written before the writer renames the shard: a finished shard always has its stats.
-    files.write(path + STATS_SUFFIX, json.dumps(stats, sort_keys=True))
-  return stats
-
-
-def finished(task: Task, out: str) -> dict | None:
-  path = os.path.join(out, task.path)
-  if not (os.path.isfile(path) and os.path.isfile(path + ".idx")):
-    return None
-  try:
-    with open(path + STATS_SUFFIX) as f:
-      stats = json.load(f)
-  except (OSError, ValueError):
-    return None
-  ok = stats.get("digest") == task.digest and stats.get("records") == len(task.sites)
-  return stats if ok else None
+# ---------------------------------------------------------------- worker processes
 
 
 _counter = None
@@ -246,7 +198,7 @@ def _manifest(layout, root, sites, tasks, stats, expect, flags) -> dict:
       },
       "num_wells": len({s.metadata["well_id"] for s in sites}),
       "experiments": sorted({s.experiment for s in sites}, key=common.natural_key),
-      "source_root": os.path.abspath(root),
+      "source_root": root if common.is_remote(root) else os.path.abspath(root),
       "counts": {
           "sites": len(sites),
           "wells": len({s.metadata["well_id"] for s in sites}),
@@ -263,20 +215,25 @@ def _manifest(layout, root, sites, tasks, stats, expect, flags) -> dict:
 def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard: int = 256,
             image_size: int | None = None, limit: int = 0, metadata: str | None = None,
             channel_columns=None, skip_missing_plates: bool = False,
-            progress: str = "auto", progress_every: float = 30.0) -> dict:
+            progress: str = "auto", progress_every: float = 30.0, channels=None,
+            perturbation_column: str | None = None, runner: str | None = None,
+            beam_args=()) -> dict:
   """Converts (or finishes converting) a screen; returns the summary printed by the CLI.
 
   With workers > 1 it starts `spawn` processes, so a calling script needs the usual
-  `if __name__ == "__main__":` guard.
+  `if __name__ == "__main__":` guard. With a Beam `runner` the unfinished shards are written by
+  data_prep/beam_convert.py (`beam_args`: Beam pipeline options) and `workers` is unused; the
+  shards and manifest are byte-identical either way.
   """
   t0 = time.time()
-  if not os.path.exists(root):
+  if not (common.is_remote(root) or os.path.exists(root)):
     raise ConvertError(f"--root {root}: no such file or folder")
   # An explicit --image_size wins; else the screen's own metadata, else the layout's real size.
   declared, flag = layouts.declared_format(layout, root), image_size
   if image_size is None:
     image_size = declared["image_size"] if declared else layouts.REAL_SIZE[layout] or 0
-  sites = layouts.list_sites(layout, root, metadata, channel_columns, skip_missing_plates)
+  sites = layouts.list_sites(layout, root, metadata, channel_columns, skip_missing_plates,
+                             channels, perturbation_column)
   if limit:
     sites = sites[:limit]
   if not sites:
@@ -284,22 +241,23 @@ def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard:
   expect = probe(layout, sites[0], image_size, declared, flag)
   tasks = plan(sites, sites_per_shard, expect)
 
-  os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+  out_path(out, "shards").mkdir(parents=True, exist_ok=True)
   stats = [finished(t, out) for t in tasks]
   todo = [i for i, s in enumerate(stats) if s is None]
   for i in todo:  # leftovers of a killed run; ShardWriter would overwrite most of them anyway
-    folder, base = os.path.split(os.path.join(out, tasks[i].path))
-    for f in os.listdir(folder):
-      if f.startswith(base + ".") and ".tmp" in f:
-        os.remove(os.path.join(folder, f))
+    clear_leftovers(tasks[i], out)
   done_sites = sum(len(t.sites) for t, s in zip(tasks, stats) if s)
-  # A bar on a terminal, else a line every `progress_every` s (mae_jax/util/progress.py).
-  bar = progress_lib.Progress(len(sites), initial=done_sites, unit="site",
-                              desc="data_prep.convert", mode=progress, every=progress_every)
-  try:
-    new = _run([tasks[i] for i in todo], out, expect, workers, bar)
-  finally:
-    bar.close()
+  if runner:
+    from data_prep import beam_convert  # pylint: disable=g-import-not-at-top
+    new = beam_convert.run([tasks[i] for i in todo], out, expect, runner, beam_args)
+  else:
+    # A bar on a terminal, else a line every `progress_every` s (mae_jax/util/progress.py).
+    bar = progress_lib.Progress(len(sites), initial=done_sites, unit="site",
+                                desc="data_prep.convert", mode=progress, every=progress_every)
+    try:
+      new = _run([tasks[i] for i in todo], out, expect, workers, bar)
+    finally:
+      bar.close()
   for i, s in zip(todo, new):
     stats[i] = s
   flags = {"image_size": image_size, "sites_per_shard": sites_per_shard, "limit": limit}
@@ -309,7 +267,7 @@ def convert(layout: str, root: str, out: str, workers: int = 1, sites_per_shard:
   return {"manifest": path, "layout": layout, "num_records": len(sites),
           "num_wells": len({s.metadata["well_id"] for s in sites}), "shards": len(tasks),
           "shards_written": len(todo), "shards_skipped": len(tasks) - len(todo),
-          "image_shape": expect["shape"], "dtype": expect["dtype"],
+          "image_shape": expect["shape"], "dtype": expect["dtype"], "runner": runner or "local",
           "seconds": round(seconds, 3), "sites_per_s": round(written / max(seconds, 1e-9), 2)}
 
 
@@ -357,24 +315,42 @@ def main(argv=None) -> int:
                  help="expected square site size; default the size the screen's own metadata "
                       "states (ROOT/ground_truth/screen.json of data_prep.synthetic), else the "
                       "layout's real size (rxrx1 512, "
-                      "rxrx3 2048, rxrx3_core 512; manifest 0). 0 accepts any height and width "
-                      "that are multiples of 256. At the real size the real bit depth is checked "
-                      "too (rxrx1/rxrx3_core 8-bit, rxrx3 16-bit); otherwise all sites must "
-                      "simply agree")
+                      "rxrx3 2048, rxrx3_core 512; manifest and loaddata 0). 0 accepts any "
+                      "height and width (JUMP: 1080x1080). At the real size the real bit depth "
+                      "is checked too (rxrx1/rxrx3_core 8-bit, rxrx3 16-bit); otherwise all "
+                      "sites must simply agree")
   p.add_argument("--limit", type=_nonneg, default=0, help="convert only the first N sites")
   p.add_argument("--metadata", default=None,
                  help="metadata CSV instead of ROOT/metadata.csv (rxrx1, rxrx3) or "
                       "ROOT/metadata_rxrx3_core.csv (rxrx3_core)")
   p.add_argument("--channel_columns", default=None,
                  help="manifest layout: comma-separated channel-path columns, in channel order")
+  p.add_argument("--channels", default=None,
+                 help="loaddata layout: comma-separated channel names, in the order stored, "
+                      "each read from FileName_Orig<NAME> / PathName_Orig<NAME> (default "
+                      "DNA,ER,RNA,AGP,Mito; add Brightfield for JUMP's sixth plane)")
+  p.add_argument("--perturbation_column", default=None,
+                 help="loaddata layout: the CSV column that names each well's perturbation "
+                      "(e.g. Metadata_JCP2022 after joining JUMP's metadata)")
+  p.add_argument("--runner", default=None, choices=RUNNERS,
+                 help="write the shards with an Apache Beam pipeline on this runner (pip "
+                      "install '.[beam]'); the flags it does not know are passed to Beam as "
+                      "pipeline options (--project, --region, --temp_location, "
+                      "--direct_num_workers, ...; launch/README.md). Default: local processes")
   p.add_argument("--skip_missing_plates", action="store_true",
                  help="rxrx1/rxrx3: drop metadata rows whose plate folder is absent (partial "
                       "downloads) instead of failing")
   p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                  help="progress on stderr: a tqdm bar (auto: when stderr is a terminal; "
                       "otherwise a line with done/total, rate and ETA every 30 s)")
-  args = p.parse_args(argv)
+  args, beam_args = p.parse_known_args(argv)
+  if beam_args and not args.runner:
+    p.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need "
+            f"--runner)")
   cols = [c.strip() for c in args.channel_columns.split(",")] if args.channel_columns else None
+  channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
+  if (channels or args.perturbation_column) and args.layout != "loaddata":
+    p.error("--channels and --perturbation_column apply to --layout=loaddata only")
   if cols is not None and args.layout != "manifest":
     p.error("--channel_columns applies to --layout=manifest only")
   if args.metadata and args.layout == "manifest":
@@ -383,7 +359,9 @@ def main(argv=None) -> int:
   try:
     summary = convert(args.layout, args.root, args.out, args.workers, args.sites_per_shard,
                       args.image_size, args.limit, args.metadata, cols,
-                      args.skip_missing_plates, args.progress)
+                      args.skip_missing_plates, args.progress, channels=channels,
+                      perturbation_column=args.perturbation_column, runner=args.runner,
+                      beam_args=beam_args)
   except KeyboardInterrupt as e:
     print("convert: interrupted; rerun the same command to resume", file=sys.stderr)
     return 128 + (e.args[0] if e.args else signal.SIGINT)

@@ -31,8 +31,12 @@ def data_parallel_mesh() -> Mesh:
 
 
 def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, batch_size=32,
-                   progress=True, adabn=False, progress_every=30.0):
+                   progress=True, adabn=False, progress_every=30.0, pad_tiles=False):
   """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`.
+
+  Sites of any size: each gives the largest centred grid of whole model-size tiles, or with
+  `pad_tiles` the smallest grid covering it, zero-padded (input_pipeline.tile_grid); each site's
+  metadata records how many tiles it gave ("tiles").
 
   `progress`: a bar on stderr when it is a terminal, else a line (done/total, rate, ETA) every
   `progress_every` seconds (mae_jax/util/progress.py).
@@ -56,7 +60,8 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
   metadata = input_pipeline.site_metadata(manifest)
   channels = None if cfg.get("channel_agnostic") else cfg.channels  # CA-MAE takes any count
   tiles = lambda: input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size,
-                                            batch_size=batch_size, expect_channels=channels)
+                                            batch_size=batch_size, expect_channels=channels,
+                                            pad=pad_tiles)
   experiment = np.array([str(m.get("experiment", "")) for m in metadata])
   if adabn:
     if not hasattr(model, "batch_statistics"):
@@ -94,7 +99,10 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
   if sums is None:
     raise EvalError(f"{manifest}: no site could be embedded")
   seen = counts > 0
-  return (sums[seen] / counts[seen, None]).astype(np.float32), [m for m, s in zip(metadata, seen) if s]
+  logging.info("tiles per site: %s of %d px (%s)", sorted(set(counts[seen].tolist())),
+               cfg.image_size, "zero-padded grid" if pad_tiles else "centred whole tiles")
+  return ((sums[seen] / counts[seen, None]).astype(np.float32),
+          [dict(m, tiles=int(n)) for m, n, s in zip(metadata, counts, seen) if s])
 
 
 def adabn_statistics(model, tiles, experiment, batch_size, replicated) -> dict:

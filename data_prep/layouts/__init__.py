@@ -9,14 +9,17 @@ import os
 
 from data_prep.layouts.common import ConvertError, ParquetRef, Site, STANDARD_KEYS  # noqa: F401
 from data_prep.layouts import common
+from data_prep.layouts import loaddata
 from data_prep.layouts import rxrx
 from data_prep.layouts import rxrx3_core
 from data_prep.layouts import user_manifest
 
-LAYOUTS = ("rxrx1", "rxrx3", "rxrx3_core", "manifest")
-# The real site size and bit depth of each layout (docs/data_layouts.md); None: the user's choice.
-REAL_SIZE = {"rxrx1": 512, "rxrx3": 2048, "rxrx3_core": 512, "manifest": None}
-REAL_DTYPE = {"rxrx1": "uint8", "rxrx3": "uint16", "rxrx3_core": "uint8", "manifest": None}
+LAYOUTS = ("rxrx1", "rxrx3", "rxrx3_core", "manifest", "loaddata")
+# The real site size and bit depth of each layout (docs/data_layouts.md); None: the user's choice
+# (LoadData: JUMP sites are 1080² 16-bit, other screens differ).
+REAL_SIZE = {"rxrx1": 512, "rxrx3": 2048, "rxrx3_core": 512, "manifest": None, "loaddata": None}
+REAL_DTYPE = {"rxrx1": "uint8", "rxrx3": "uint16", "rxrx3_core": "uint8", "manifest": None,
+              "loaddata": None}
 # A screen that states its own site size and bit depth: data_prep.synthetic writes them into
 # ROOT/ground_truth/screen.json (docs/data_layouts.md §6); convert uses them over REAL_SIZE.
 SCREEN_METADATA = os.path.join("ground_truth", "screen.json")
@@ -42,7 +45,8 @@ def declared_format(layout: str, root: str) -> dict | None:
 
 
 def list_sites(layout: str, root: str, metadata: str | None = None,
-               channel_columns=None, skip_missing_plates: bool = False) -> list[Site]:
+               channel_columns=None, skip_missing_plates: bool = False, channels=None,
+               perturbation_column: str | None = None) -> list[Site]:
   if layout == "rxrx1":
     return rxrx.list_rxrx1(root, metadata, skip_missing_plates)
   if layout == "rxrx3":
@@ -51,6 +55,8 @@ def list_sites(layout: str, root: str, metadata: str | None = None,
     return rxrx3_core.list_rxrx3_core(root, metadata)
   if layout == "manifest":
     return user_manifest.list_manifest(root, channel_columns)
+  if layout == "loaddata":
+    return loaddata.list_loaddata(root, channels, perturbation_column)
   raise ConvertError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 

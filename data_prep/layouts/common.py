@@ -20,6 +20,13 @@ class ConvertError(UserError, ValueError):
   """A mistake in the user's data or flags; the message is one line naming file/site/field."""
 
 
+class TiffPage(NamedTuple):
+  """One channel stored as a page of a multi-page TIFF holding the whole site (a LoadData CSV
+  whose channels name one file with Frame_Orig<Channel> pages, docs/data_layouts.md §4b)."""
+  path: str
+  page: int
+
+
 class ParquetRef(NamedTuple):
   """One channel image stored as a JPEG-2000 cell in a parquet file (RxRx3-core)."""
   path: str
@@ -70,7 +77,31 @@ def make_metadata(extras: Sequence[tuple[str, Any]] = (), **standard) -> dict[st
 def describe(source) -> str:
   if isinstance(source, ParquetRef):
     return f"{source.path} row {source.row} ({source.key})"
+  if isinstance(source, TiffPage):
+    return f"{source.path} page {source.page}"
   return str(source)
+
+
+def is_remote(path) -> bool:
+  """gs://, s3://, ...: read through etils.epath (which grain and orbax already bring)."""
+  return "://" in str(path)
+
+
+def open_file(path: str, mode: str = "r"):
+  """open(), or etils.epath for an object store, so a screen may live in a bucket."""
+  if is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path).open(mode, **({} if "b" in mode else {"encoding": "utf-8-sig"}))
+  return open(path, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8-sig"}))
+
+
+def join(base: str, path: str) -> str:
+  """`path` relative to `base` (absolute paths and URLs stay as they are), normalised."""
+  if is_remote(path) or os.path.isabs(path):
+    return path if is_remote(path) else os.path.normpath(path)
+  if is_remote(base):
+    return base.rstrip("/") + "/" + path
+  return os.path.normpath(os.path.join(base, path))
 
 
 def parse_int(value: str, what: str) -> int:
@@ -85,9 +116,9 @@ def parse_int(value: str, what: str) -> int:
 
 def read_csv(path: str, expected: Sequence[str] | None = None, exact: bool = True):
   """Returns (header, [(line_number, row dict)]); checks the header against `expected`."""
-  if not os.path.isfile(path):
+  if not (os.path.isfile(path) or is_remote(path) and _remote_exists(path)):
     raise ConvertError(f"missing metadata file {path}")
-  with open(path, newline="", encoding="utf-8-sig") as f:
+  with open_file(path) as f:
     reader = csv.DictReader(f)
     header = list(reader.fieldnames or [])
     if not header:
@@ -114,6 +145,11 @@ def read_csv(path: str, expected: Sequence[str] | None = None, exact: bool = Tru
   return header, rows
 
 
+def _remote_exists(path: str) -> bool:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).exists()
+
+
 class FileIndex:
   """Existence checks by listing each folder once (millions of stat calls are slow on NFS)."""
 
@@ -130,7 +166,11 @@ class FileIndex:
   def _listing(self, folder):
     if folder not in self._listings:
       try:
-        self._listings[folder] = frozenset(os.listdir(folder or "."))
+        if is_remote(folder):
+          from etils import epath  # pylint: disable=g-import-not-at-top
+          self._listings[folder] = frozenset(p.name for p in epath.Path(folder).iterdir())
+        else:
+          self._listings[folder] = frozenset(os.listdir(folder or "."))
       except (FileNotFoundError, NotADirectoryError):
         self._listings[folder] = None
     return self._listings[folder]
@@ -139,6 +179,7 @@ class FileIndex:
 def check_sources(sites: Sequence[Site], files: FileIndex):
   for site in sites:
     for channel, path in zip(site.channels, site.sources):
+      path = path.path if isinstance(path, TiffPage) else path
       if not files.exists(path):
         raise ConvertError(f"missing channel file {path} (channel {channel} of site {site.key})")
 
@@ -169,6 +210,16 @@ def _from_pil(im: Image.Image, what: str) -> np.ndarray:
                      "channel per file")
 
 
+def _tiff_plane(a: np.ndarray, what: str) -> np.ndarray:
+  a = a.reshape([d for d in a.shape if d != 1] if a.ndim > 2 else a.shape)
+  if a.ndim != 2:
+    raise ConvertError(f"{what}: shape {a.shape}, expected one 2-D channel per file (or per "
+                       "page of a multi-page TIFF)")
+  if a.dtype not in (np.uint8, np.uint16):
+    raise ConvertError(f"{what}: dtype {a.dtype}, expected 8- or 16-bit unsigned integers")
+  return a
+
+
 def read_plane(source, parquet=None) -> np.ndarray:
   """One channel image as a 2-D uint8/uint16 array."""
   what = describe(source)
@@ -176,16 +227,17 @@ def read_plane(source, parquet=None) -> np.ndarray:
     if isinstance(source, ParquetRef):
       with Image.open(io.BytesIO(parquet.get(source))) as im:
         return _from_pil(im, what)
-    if source.lower().endswith((".tif", ".tiff")):
+    path = source.path if isinstance(source, TiffPage) else source
+    f = open_file(path, "rb") if is_remote(path) else path
+    if path.lower().endswith((".tif", ".tiff")):
       import tifffile  # pylint: disable=g-import-not-at-top
-      a = tifffile.imread(source)
-      a = a.reshape([d for d in a.shape if d != 1] if a.ndim > 2 else a.shape)
-      if a.ndim != 2:
-        raise ConvertError(f"{what}: shape {a.shape}, expected one 2-D channel per file")
-      if a.dtype not in (np.uint8, np.uint16):
-        raise ConvertError(f"{what}: dtype {a.dtype}, expected 8- or 16-bit unsigned integers")
-      return a
-    with Image.open(source) as im:
+      if isinstance(source, TiffPage):
+        with tifffile.TiffFile(f) as tif:
+          if not 0 <= source.page < len(tif.pages):
+            raise ConvertError(f"{what}: the file has {len(tif.pages)} pages")
+          return _tiff_plane(tif.pages[source.page].asarray(), what)
+      return _tiff_plane(tifffile.imread(f), what)
+    with Image.open(f) as im:
       return _from_pil(im, what)
   except ConvertError:
     raise

@@ -297,11 +297,21 @@ def train_iterator(manifest_path, *, num_workers: int = 0, worker_buffer: int = 
   return iter(ds)
 
 
+def tile_grid(height: int, width: int, size: int, pad: bool = False) -> tuple[int, int]:
+  """(rows, cols) of the tiles a height x width site gives: the largest centred grid of whole
+  tiles (a 1080² JUMP site: 4x4 tiles of 256, 28 px unused on each side), or with `pad` the
+  smallest grid that covers the site, which is centred on it and zero-padded (5x5 of 256)."""
+  if pad:
+    return -(-height // size), -(-width // size)
+  return height // size, width // size
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tiles:
   """Site index -> (index, (n, t, t, C) tiles of a centred grid), or None if skipped."""
   source: records.IndexedTFRecordSource
   size: int
+  pad: bool = False
 
   def __call__(self, index: int):
     payload = self.source.read_view(index)
@@ -309,9 +319,15 @@ class _Tiles:
       return None
     image = self.source.decode_image(index, payload)
     height, width, channels = image.shape
-    rows, cols, t = height // self.size, width // self.size, self.size
+    t = self.size
+    rows, cols = tile_grid(height, width, t, self.pad)
     if not rows or not cols:
       raise ValueError(f"site {index} of {height}x{width} is smaller than the tile {t}")
+    if self.pad and (rows * t, cols * t) != (height, width):
+      canvas = np.zeros((rows * t, cols * t, channels), image.dtype)
+      y, x = (rows * t - height) // 2, (cols * t - width) // 2
+      canvas[y:y + height, x:x + width] = image
+      image, height, width = canvas, rows * t, cols * t
     y, x = (height - rows * t) // 2, (width - cols * t) // 2
     grid = image[y:y + rows * t, x:x + cols * t].reshape(rows, t, cols, t, channels)
     # One copy, always: the payload buffer is reused for the next record.
@@ -322,17 +338,19 @@ class _Tiles:
 
 def eval_tiles(manifest_path, *, tile_size: int = 256, batch_size: int = 32,
                expect_channels=None, expect_dtype=None, skip_corrupt: bool = False,
-               read_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+               read_threads: int = 4, pad: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Every site once, in order, as {"image": (B, t, t, C), "site": (B,) int64}.
 
   Each site gives its grid of non-overlapping t×t tiles (row-major, centred when
-  t doesn't divide the site); batches run across sites and the last may be
-  short. With skip_corrupt, corrupt sites give no tiles.
+  t doesn't divide the site; with `pad`, zero-padded to whole tiles instead:
+  tile_grid); batches run across sites and the last may be short. With
+  skip_corrupt, corrupt sites give no tiles.
   """
   manifest, source = open_dataset(manifest_path, expect_channels=expect_channels,
                                   expect_dtype=expect_dtype, skip_corrupt=skip_corrupt)
-  _check_fits(manifest_path, manifest, tile_size, "tile size")
-  ds = (grain.MapDataset.range(len(source)).map(_Tiles(source, tile_size))
+  if not pad:
+    _check_fits(manifest_path, manifest, tile_size, "tile size")
+  ds = (grain.MapDataset.range(len(source)).map(_Tiles(source, tile_size, pad))
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=2 * read_threads)))
   return _tile_batches(ds, batch_size)

@@ -89,6 +89,14 @@ def match_manifest(config, given=()) -> list[str]:
     config.data.dtype = manifest["dtype"]
     changes.append(f"data.dtype={manifest['dtype']}")
   channels = int(manifest["image_shape"][2])
+  if ("model.channels" in given and "channels" in m and channels != int(m.channels)
+      and not m.get("channel_agnostic")):
+    # Refused here, at startup, before any data is read or anything compiled.
+    names = ",".join(map(str, manifest.get("channels", [])))
+    raise ConfigError(f"{config.data.manifest}: {channels} channels ({names}), but "
+                      f"model.channels={int(m.channels)} and the model is not channel-agnostic: "
+                      f"drop --config.model.channels, or train a CA-MAE "
+                      f"(--config.model.channel_agnostic=True, docs/science.md §1.4)")
   if "model.channels" not in given and "channels" in m and channels != int(m.channels):
     if m.get("channel_agnostic") and channels > int(m.max_channels):
       raise ConfigError(f"{config.data.manifest}: {channels} channels, but the CA-MAE takes at "
