@@ -80,6 +80,10 @@ def get_config(variant="S/16", **overrides):
       fourier_weight=0.01,  # alpha of L = (1 - alpha) MSE + alpha Fourier-magnitude L1
       channel_agnostic=False,  # CA-MAE (docs/science.md §1.4): shared 1-channel patch embedding
       max_channels=11,  # CA-MAE positional table covers this many channels
+      # CA-MAE decoder (docs/science.md §1.5): "shared" (one stack, channel tokens) or
+      # "official_ca" (maes CAMAEDecoder: cross-attention, one decoder_depth stack per channel)
+      decoder="shared",
+      decoder_norm_eps=1e-6,  # official_ca LayerNorms: maes 1e-6, OpenPhenom's nn.LayerNorm 1e-5
       # Encoder and decoder blocks stacked and run by one lax.scan each: the step compiles one
       # block instead of depth of them (README: "Checkpoints from before scanned layers").
       scan_layers=True,

@@ -315,7 +315,7 @@ def test_dry_run_of_every_real_config(name, devices, capsys):
   seconds = time.perf_counter() - start
   shards = 4  # fsdp x tensor: nearly every matrix is split 4 ways
   assert result["status"] == "dry_run" and result["devices"] == 8
-  assert result["params"] > 40e6
+  assert result["params"] > 30e6  # camae_vits16: 21.4 M + the official 10.4 M decoder
   full = result["params"] * 4
   assert full / shards <= result["param_bytes_per_device"] < full / shards * 1.1
   assert result["opt_bytes_per_device"] >= result["param_bytes_per_device"]

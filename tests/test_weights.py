@@ -2,7 +2,8 @@
 
 tests/fixtures/make_official_fixture.py built an official-architecture MAE (timm 0.9.7
 ParallelScalingBlock encoder, maes_microscopy decoder and names) and a CA-MAE encoder at reduced
-size with random parameters, and recorded what PyTorch computes with them; no torch here.
+size with random parameters, and recorded what PyTorch computes with them; no torch here. The
+CA-MAE's official CAMAEDecoder (model.decoder="official_ca") has its own files.
 """
 import json
 import pathlib
@@ -20,6 +21,10 @@ from test_eval_e2e import run as run_e2e, write_annotations, write_screen
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 MAE_FILE = FIXTURES / "official_mae.safetensors"
 REF = dict(np.load(FIXTURES / "official_reference.npz"))
+CA_REF = dict(np.load(FIXTURES / "official_camae_reference.npz"))
+# the fixture's CAMAEDecoder: width 16, one Block of 2 heads per channel, 6 channels
+OFFICIAL_CA = dict(channel_agnostic=True, decoder="official_ca", decoder_width=16,
+                   decoder_depth=1, decoder_heads=2)
 TABLES = ("pos_embed", "decoder.pos_embeddings")  # fixed sin-cos buffers, regenerated on export
 # the fixture's architecture as overrides of configs/tiny.py (depth 2, width 64, 2 heads, image 32)
 OVERRIDES = {"patch_size": 16, "decoder_width": 8}
@@ -46,6 +51,12 @@ def official_ca() -> dict:
   sd = {k.removeprefix("encoder.vit_backbone."): v for k, v in load_file(MAE_FILE).items()
         if k.startswith("encoder.vit_backbone.")}
   return {**sd, **load_file(FIXTURES / "official_camae_delta.safetensors")}
+
+
+def official_ca_mae() -> dict:
+  """The whole official CA-MAE (maes MAEModel names): CA encoder + CAMAEDecoder."""
+  return {**{f"encoder.vit_backbone.{k}": v for k, v in official_ca().items()},
+          **load_file(FIXTURES / "official_camae_decoder.safetensors")}
 
 
 def one_line(excinfo):
@@ -90,9 +101,10 @@ def test_ca_mae_encoder_imports_and_stays_channel_agnostic(tmp_path):
   src = tmp_path / "camae.safetensors"
   save_file(official_ca(), str(src))
   cfg = config(channel_agnostic=True)
-  with pytest.raises(weights.WeightsError) as e:  # no official counterpart of this CA decoder
+  with pytest.raises(weights.WeightsError) as e:  # no official counterpart of the shared decoder
     weights.import_weights(src, cfg, tmp_path / "refused")
   assert "--encoder_only" in one_line(e) and "CAMAEDecoder" in one_line(e)
+  assert "model.decoder='official_ca'" in one_line(e)
   result = weights.import_weights(src, cfg, tmp_path / "ca", encoder_only=True)
   assert result["decoder"] == "initialised (seed 0)" and result["encoder_only"], result
   model, _ = checkpointing.load_for_eval(tmp_path / "ca")
@@ -103,6 +115,64 @@ def test_ca_mae_encoder_imports_and_stays_channel_agnostic(tmp_path):
   out = tmp_path / "ca_out.safetensors"
   weights.export_weights(tmp_path / "ca", out, "timm")
   assert_same_tensors(load_file(out), official_ca())
+
+
+def test_official_ca_decoder_imports_whole_computes_what_pytorch_computes_and_exports(tmp_path):
+  """Stacked encoder blocks; import and export pass through the per-layer layout as well."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import mae  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "camae_full.safetensors"
+  save_file(official_ca_mae(), str(src))
+  result = weights.import_weights(src, config(scan_layers=True, **OFFICIAL_CA), tmp_path / "ca")
+  assert result["decoder"] == "imported" and result["skipped"] == 0, result
+  assert result["tensors"] == len(official_ca_mae()) - 3  # all but pos_embed, placeholder, table
+  model, _ = checkpointing.load_for_eval(tmp_path / "ca")
+  x = mae.standardize(jnp.asarray(images()))
+  tok, target, c = model._tokens(x)  # pylint: disable=protected-access
+  shuffle = jnp.argsort(jnp.asarray(CA_REF["noise"]), axis=1)  # maes transformer_random_masking
+  keep = int(tok.shape[1] * 0.25)
+  latent = model.norm(model._encode(jnp.take_along_axis(tok, shuffle[:, :keep, None], axis=1)))  # pylint: disable=protected-access
+  restore = jnp.argsort(shuffle, axis=1)
+  pred = model._decode(latent, restore, c)  # pylint: disable=protected-access
+  assert rel(pred, CA_REF["reconstruction"]) <= 1e-5
+  mask = (restore >= keep).astype(jnp.float32)
+  np.testing.assert_array_equal(mask, CA_REF["mask"])
+  loss, mse, fourier = mae.reconstruction_loss(pred, target, mask, 16, 0.01)
+  for got, name in ((loss, "loss"), (mse, "mse"), (fourier, "fourier")):
+    assert rel(got, CA_REF[name]) <= 1e-5, name
+  out = tmp_path / "ca_out.safetensors"  # and back out: the whole MAEModel, bit-exact
+  exported = weights.export_weights(tmp_path / "ca", out, "maes_microscopy")
+  assert_same_tensors(load_file(out), official_ca_mae())
+  assert exported["parameters"] == sum(v.size for k, v in official_ca_mae().items()
+                                       if not k.endswith(("pos_embed", "placeholder", "pos_embeddings")))
+
+
+def test_official_ca_decoder_mistakes_are_one_line():
+  sd, cfg = official_ca_mae(), config(**OFFICIAL_CA).model
+  missing = {k: v for k, v in sd.items() if k != "decoder.decoders.3.0.mlp.fc2.bias"}
+  with pytest.raises(weights.WeightsError) as e:
+    weights.to_params(missing, cfg)
+  assert one_line(e) == ("model parameters the source does not fill: "
+                         "decoder.decoders.3.0.mlp.fc2.bias (1 in all)")
+  with pytest.raises(weights.WeightsError) as e:  # a decoder stack per channel: 6 here
+    weights.to_params(sd, config(**dict(OFFICIAL_CA, channels=4)).model)
+  assert "decoder.decoders.5" in one_line(e) and "model.channels=4" in one_line(e)
+  with pytest.raises(weights.WeightsError) as e:
+    weights.to_params(sd, config(**dict(OFFICIAL_CA, decoder_depth=2)).model)
+  assert "model.decoder_depth=2" in one_line(e)
+  with pytest.raises(weights.WeightsError) as e:
+    weights.to_params(sd, config(**dict(OFFICIAL_CA, decoder_width=32)).model)
+  assert "(16, 64)" in one_line(e) and "(32, 64)" in one_line(e) and "decoder='official_ca'" in one_line(e)
+  with pytest.raises(weights.WeightsError) as e:
+    weights.to_params(dict(sd, **{"decoder.placeholder": sd["decoder.placeholder"] + 1}), cfg)
+  assert "decoder.placeholder: not zero" in one_line(e)
+  encoder = {k: v for k, v in sd.items() if k.startswith("encoder.")}
+  with pytest.raises(weights.WeightsError) as e:  # an encoder alone: --encoder_only says so
+    weights.to_params(encoder, cfg)
+  assert "--encoder_only" in one_line(e)
+  params, report = weights.to_params(sd, cfg, encoder_only=True)
+  assert report["skipped"] == len(sd) - len(encoder) and report["decoder"].startswith("init")
+  assert params["decoder"]["decoders"][0]["qkv"].shape == (6, 16, 3, 16)
 
 
 def assert_same_tensors(got, want):

@@ -7,6 +7,9 @@ A train step is forward + backward = 3 x forward. The MAE forward runs the encod
 tokens + CLS and the decoder on all tokens + CLS (docs/science.md §1.7). ViT-S/16: train 52.8 GFLOP
 per image, embedding 12.4, as an independent count of the same matmuls gives. The MU-Net's and the
 DenseNet's convolutions are counted the same way (`_munet_flops`, `densenet.flops_per_image`).
+The official CA-MAE decoder (`model.decoder="official_ca"`) runs its shared cross-attention and
+MLP on all C*n tokens and each channel's Blocks on that channel's n tokens, without CLS
+(`_official_ca_decoder`).
 """
 from mae_jax.models import densenet
 
@@ -17,6 +20,13 @@ def _encoder_block(n, d, h):
 
 def _decoder_block(n, d, h):
   return 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * h
+
+
+def _official_ca_decoder(n_all, n, c, d, depth):
+  """maes CAMAEDecoder on n_all = c*n tokens: q, kv, scores, weighted sum, proj, Mlp(d, 4d), then
+  `depth` Blocks per channel on its n tokens (docs/science.md §1.5)."""
+  cross = 2 * n_all * d * d + 2 * n_all * d * 2 * d + 4 * n_all * n_all * d + 2 * n_all * d * d
+  return cross + 4 * n_all * d * 4 * d + c * depth * _decoder_block(n, d, 4 * d)
 
 
 def tokens(cfg, channels=None):
@@ -39,8 +49,11 @@ def flops_per_image(cfg, channels=None) -> dict:
   d, dd = cfg.width, cfg.decoder_width
   patch_embed = 2 * n * patch_in * d
   encoder = lambda t: patch_embed + cfg.depth * _encoder_block(t + 1, d, cfg.mlp_dim)
-  decoder = (2 * (keep + 1) * d * dd + cfg.decoder_depth * _decoder_block(n + 1, dd, 4 * dd)
-             + 2 * (n + 1) * dd * patch_in)
+  if cfg.channel_agnostic and cfg.get("decoder", "shared") == "official_ca":
+    blocks = _official_ca_decoder(n, n // c, c, dd, cfg.decoder_depth)
+  else:
+    blocks = cfg.decoder_depth * _decoder_block(n + 1, dd, 4 * dd)
+  decoder = 2 * (keep + 1) * d * dd + blocks + 2 * (n + 1) * dd * patch_in
   return dict(train=3 * (encoder(keep) + decoder), embed=encoder(n))
 
 

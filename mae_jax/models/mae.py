@@ -8,7 +8,8 @@
 The loss is (1 - a) masked MSE + a Fourier-magnitude L1, a = 0.01 (§2.2), averaged over the removed
 tokens only. `channel_agnostic=True` gives CA-MAE (§1.4): one shared 1-channel patch embedding,
 channel-major tokens, any channel count <= max_channels, every (channel, patch) token masked and
-decoded on its own.
+decoded on its own; its decoder is `model.decoder`: "shared" (one stack with channel tokens) or
+"official_ca" (maes CAMAEDecoder, mae_jax/models/ca_decoder.py; docs/science.md §1.5).
 """
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mae_jax.models import vit
+from mae_jax.models import ca_decoder, vit
 from mae_jax.models.vit import constrain, param
 
+DECODERS = ("shared", "official_ca")  # model.decoder (docs/science.md §1.5)
 IN_EPS = 1e-5  # InstanceNorm2d default (biased variance)
 LAYERS = "layers"  # logical name of the stacked-layer axis of scanned blocks
 # lax.scan's unroll per block stack ("blocks", "decoder_blocks"), default 1. XLA's cost analysis
@@ -67,7 +69,8 @@ def reconstruction_loss(pred, target, mask, patch, fourier_weight):
 
 
 class MAE(nnx.Module):
-  """ViT MAE encoder (ParallelScalingBlocks) + 512x8 decoder; CA-MAE by `channel_agnostic`."""
+  """ViT MAE encoder (ParallelScalingBlocks) + 512x8 decoder; CA-MAE by `channel_agnostic`
+  (with the official CAMAEDecoder by `decoder="official_ca"`)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, remat=False):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is part of the static graphdef
@@ -76,6 +79,13 @@ class MAE(nnx.Module):
     p, d, dd = cfg.patch_size, cfg.width, cfg.decoder_width
     self.grid = cfg.image_size // p
     self.ca = bool(cfg.channel_agnostic)
+    kind = cfg.get("decoder", "shared")
+    if kind not in DECODERS:
+      raise ValueError(f"model.decoder={kind!r}: expected one of {', '.join(DECODERS)}")
+    if kind == "official_ca" and not self.ca:
+      raise ValueError("model.decoder='official_ca' is the CA-MAE decoder: it needs "
+                       "model.channel_agnostic=True")
+    self.official_ca = kind == "official_ca"
     in_ch = 1 if self.ca else cfg.channels
     # Patch embedding = Conv(k = s = p) written as a matmul over patchified pixels.
     self.patch_embed = param(rngs, _patch_init, (p, p, in_ch, d), (None, None, None, "embed"))
@@ -91,12 +101,15 @@ class MAE(nnx.Module):
         d, cfg.num_heads, cfg.mlp_dim, cfg.layerscale_init, rngs=r, dtype=dtype), cfg.depth, rngs)
     self.norm = vit.LayerNorm(d, rngs=rngs)
     self.decoder_embed, self.decoder_embed_bias = vit.linear(rngs, d, dd, ("embed", "mlp"))
-    self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dd), (None, None, "mlp"))
-    if self.ca:  # a learned modality token per channel tells the decoder which channel to paint
-      self.channel_token = param(rngs, vit.zeros, (cfg.max_channels, dd), (None, "mlp"))
-    self.decoder_blocks = self._stack(lambda r: vit.Block(dd, cfg.decoder_heads, 4 * dd, rngs=r,
-                                                          dtype=dtype), cfg.decoder_depth, rngs)
-    self.decoder_norm = vit.LayerNorm(dd, rngs=rngs)
+    if self.official_ca:  # maes CAMAEDecoder: mask token, modality tokens, per-channel stacks
+      self.decoder = ca_decoder.CAMAEDecoder(cfg, rngs=rngs, dtype=dtype)
+    else:
+      self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dd), (None, None, "mlp"))
+      if self.ca:  # a learned modality token per channel tells the decoder which channel to paint
+        self.channel_token = param(rngs, vit.zeros, (cfg.max_channels, dd), (None, "mlp"))
+      self.decoder_blocks = self._stack(lambda r: vit.Block(dd, cfg.decoder_heads, 4 * dd, rngs=r,
+                                                            dtype=dtype), cfg.decoder_depth, rngs)
+      self.decoder_norm = vit.LayerNorm(dd, rngs=rngs)
     out = p * p * in_ch
     self.decoder_pred, self.decoder_pred_bias = vit.linear(rngs, dd, out, ("mlp", None))
 
@@ -135,9 +148,14 @@ class MAE(nnx.Module):
     dt = self.dtype
     x = x.astype(dt) @ self.decoder_embed[...].astype(dt) + self.decoder_embed_bias[...].astype(dt)
     b, l = ids_restore.shape
-    fill = jnp.broadcast_to(self.mask_token[...].astype(dt), (b, l + 1 - x.shape[1], x.shape[2]))
+    mask_token = (self.decoder if self.official_ca else self).mask_token
+    fill = jnp.broadcast_to(mask_token[...].astype(dt), (b, l + 1 - x.shape[1], x.shape[2]))
     y = jnp.concatenate([x[:, 1:], fill], axis=1)
     y = jnp.take_along_axis(y, ids_restore[..., None], axis=1)  # unshuffle to patch order
+    if self.official_ca:  # positions and modality tokens are added inside; no final LayerNorm
+      y = self.decoder(jnp.concatenate([x[:, :1], y], axis=1).astype(jnp.float32), channels)
+      pred = y.astype(dt) @ self.decoder_pred[...].astype(dt) + self.decoder_pred_bias[...].astype(dt)
+      return pred[:, 1:].astype(jnp.float32)
     grid = self.grid if not self.ca else int(round((l // channels) ** 0.5))
     pos = vit.sincos_2d(self.cfg.decoder_width, grid, cls=False)
     if self.ca:
@@ -258,6 +276,8 @@ def relayout(tree, scan: bool):
       return node
     node = dict(node)
     for name in ("blocks", "decoder_blocks"):
+      if name not in node:  # model.decoder="official_ca" has per-channel stacks instead
+        continue
       layers = node[name]
       per_layer = all(str(k).isdigit() for k in layers)
       if scan and per_layer:

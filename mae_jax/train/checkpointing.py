@@ -181,6 +181,8 @@ def stacked_layers(state_dir, model_cfg) -> bool | None:
 # What may differ between the run a model was trained in and a run starting from it (init_from):
 # regularisation, masking and loss weights; everything else shapes the parameters.
 NOT_SHAPING = ("drop_path", "mask_ratio", "fourier_weight", "label_smoothing", "embed_levels")
+# Model keys added after runs were saved without them, with the value those runs' models used.
+ADDED_MODEL_KEYS = {"decoder": "shared", "decoder_norm_eps": 1e-6}
 
 
 def restore_model(ckpt_path, abstract_state, model_cfg) -> dict:
@@ -196,6 +198,7 @@ def restore_model(ckpt_path, abstract_state, model_cfg) -> dict:
   saved["scan_layers"] = stacked_layers(step_dir / "state", model_cfg)
   if saved["scan_layers"] is None:
     saved["scan_layers"] = ours.get("scan_layers")
+  saved = {**{k: v for k, v in ADDED_MODEL_KEYS.items() if k in ours}, **saved}
   diff = sorted(k for k in set(saved) | set(ours) if k not in NOT_SHAPING
                 and json.dumps(saved.get(k)) != json.dumps(ours.get(k)))
   if diff:

@@ -10,7 +10,8 @@ maes_microscopy / timm names, with or without the `encoder.vit_backbone.`, `mode
 prefixes, becomes an Orbax checkpoint of step 0 in DIR (+ DIR/config.json) that
 `python -m eval.recall --ckpt=DIR` embeds with. Every tensor must find its place and every
 parameter must be filled; `--encoder_only` fills the encoder and keeps the decoder at its
-initialisation (CA-MAE always: the official CAMAEDecoder has no counterpart here).
+initialisation (a CA-MAE with model.decoder=shared always: the official CAMAEDecoder maps onto
+model.decoder=official_ca only).
 export: the checkpoint's parameters as the PyTorch code loads them, float32.
 The last stdout line is one JSON object.
 """

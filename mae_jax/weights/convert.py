@@ -36,6 +36,7 @@ def _listing(names) -> str:
 
 def _describe(m) -> str:
   ca = ", channel_agnostic=True" if m.channel_agnostic else ""
+  ca += ", decoder='official_ca'" if tn.official_ca(m) else ""
   return (f"model.width={m.width}, depth={m.depth}, num_heads={m.num_heads}, "
           f"mlp_dim={m.mlp_dim}, patch_size={m.patch_size}, channels={m.channels}, "
           f"image_size={m.image_size}, decoder_width={m.decoder_width}, "
@@ -81,7 +82,8 @@ def _check_shapes(sd, source, rows, shapes, model_cfg):
   for row in rows:
     if row.name not in sd:
       continue
-    want = tn.LAYOUTS[row.layout].torch_shape(_get(shapes, row.path).shape)
+    shape = _get(shapes, row.path).shape
+    want = tn.LAYOUTS[row.layout].torch_shape(shape if row.channel is None else shape[1:])
     have = tuple(sd[row.name].shape)
     if have == want:
       continue
@@ -103,6 +105,9 @@ def _check_table(sd, source, name, want, model_cfg):
                        f"{want.shape} (the fixed sin-cos table of model.image_size="
                        f"{model_cfg.image_size}, patch_size={model_cfg.patch_size}{channels})")
   err = float(np.max(np.abs(have - want)))
+  if name == tn.PLACEHOLDER and err:
+    raise WeightsError(f"{source[name]}: not zero; maes' CAMAEDecoder keeps this CLS slot at zero "
+                       f"(requires_grad=False)")
   if not err <= POS_TOLERANCE:
     raise WeightsError(f"{source[name]}: differs from the fixed 2-D sin-cos table by up to "
                        f"{err:.3g}; learned positional embeddings are not supported "
@@ -117,7 +122,8 @@ def to_params(state_dict: dict, model_cfg, *, encoder_only: bool = False, init=N
   `state_dict`: {name: array} in timm or maes_microscopy names, with or without the wrappers'
   prefixes. With `encoder_only` the source's decoder tensors are skipped and the decoder comes
   from `init` (a params pure dict of this config, either layout) or a fresh initialisation with
-  `seed`; CA-MAE needs it (the official CAMAEDecoder does not map, docs/science.md §1.5).
+  `seed`; a CA-MAE with the shared decoder needs it (the official CAMAEDecoder maps only onto
+  model.decoder="official_ca", docs/science.md §1.5).
   """
   _check_mae(model_cfg)
   sd, source = tn.canonical(state_dict)
@@ -131,22 +137,28 @@ def to_params(state_dict: dict, model_cfg, *, encoder_only: bool = False, init=N
                  "per token before pooling here (docs/science.md §7)")
   decoder_names = [n for n in sd if tn.DECODER_NAMES.match(n)]
   skipped = decoder_names if encoder_only else []
-  if model_cfg.channel_agnostic and not encoder_only:
+  official_ca = tn.official_ca(model_cfg)
+  if model_cfg.channel_agnostic and not official_ca and not encoder_only:
     has = f" (the source has {len(decoder_names)} decoder tensors)" if decoder_names else ""
-    raise WeightsError(f"CA-MAE: the official CAMAEDecoder has no counterpart in this CA-MAE "
-                       f"decoder (docs/science.md §1.5){has}: import with --encoder_only, which "
-                       f"keeps the decoder at its initialisation")
+    raise WeightsError(f"CA-MAE: the official CAMAEDecoder has no counterpart in the shared CA-MAE "
+                       f"decoder (model.decoder='shared', docs/science.md §1.5){has}: set "
+                       f"model.decoder='official_ca' (and its decoder_width, decoder_depth, "
+                       f"decoder_heads), or import with --encoder_only, which keeps the decoder "
+                       f"at its initialisation")
   rows = [r for r in tn.table(model_cfg) if not (encoder_only and r.part == "decoder")]
   shapes = abstract_params(model_cfg)
 
   _check_depth(sd, "blocks.", model_cfg.depth, "model.depth", source)
-  if not encoder_only:
+  if not encoder_only and official_ca:  # one Block stack per channel: decoders.{channel}.{block}
+    _check_depth(sd, "decoder.decoders.", model_cfg.channels, "model.channels", source)
+    _check_depth(sd, "decoder.decoders.0.", model_cfg.decoder_depth, "model.decoder_depth", source)
+  elif not encoder_only:
     _check_depth(sd, "decoder.blocks.", model_cfg.decoder_depth, "model.decoder_depth", source)
   _check_shapes(sd, source, rows, shapes, model_cfg)
   tables = tn.fixed_tables(model_cfg)
   pos_error = {}
   for name, want in tables.items():
-    if name == tn.DECODER_POS and encoder_only:
+    if tn.DECODER_NAMES.match(name) and encoder_only:
       continue
     err = _check_table(sd, source, name, want, model_cfg)
     if err is not None:
@@ -167,13 +179,19 @@ def to_params(state_dict: dict, model_cfg, *, encoder_only: bool = False, init=N
       parts.append(f"model parameters the source does not fill: {_listing(unfilled)}{hint}")
     raise WeightsError("; ".join(parts))
 
-  params, converted = {}, {}
+  params, converted, stacked = {}, {}, {}
   for row in rows:
     value = np.asarray(sd[row.name])
     if value.dtype != np.float32:
       converted[str(value.dtype)] = converted.get(str(value.dtype), 0) + 1
       value = value.astype(np.float32)
-    _set(params, row.path, np.ascontiguousarray(tn.LAYOUTS[row.layout].to_nnx(value)))
+    value = np.ascontiguousarray(tn.LAYOUTS[row.layout].to_nnx(value))
+    if row.channel is None:
+      _set(params, row.path, value)
+    else:  # one channel's row of a parameter stacked over channels
+      stacked.setdefault(row.path, {})[row.channel] = value
+  for path, channels in stacked.items():
+    _set(params, path, np.stack([channels[m] for m in range(len(channels))]))
   notes += [f"{n} {dtype} tensors converted to float32" for dtype, n in converted.items()]
   decoder = "imported"
   if encoder_only:
@@ -209,7 +227,8 @@ def from_params(params, model_cfg, fmt: str = "timm"):
 
   "timm": the encoder as timm's VisionTransformer state dict (maes `vit_*_256` constructors);
   "maes_microscopy": the whole MAE as maes' MAEModel (`encoder.vit_backbone.*`, `decoder.*`,
-  `encoder_decoder_proj.*`, `decoder_pred.*`); for CA-MAE the encoder only, since this decoder
+  `encoder_decoder_proj.*`, `decoder_pred.*`); for a CA-MAE with the shared decoder the encoder
+  only, since that decoder
   has no official counterpart. The fixed sin-cos tables are written as the official code makes
   them (`timm_names.official_sincos`).
   """
@@ -224,12 +243,13 @@ def from_params(params, model_cfg, fmt: str = "timm"):
     rows = [r for r in rows if r.part == "encoder"]
     tables = {tn.POS_EMBED: tables[tn.POS_EMBED]}
     notes.append("encoder only (timm VisionTransformer names)")
-  elif model_cfg.channel_agnostic:
-    notes.append("encoder only: this CA-MAE decoder has no counterpart in the official "
+  elif model_cfg.channel_agnostic and not tn.official_ca(model_cfg):
+    notes.append("encoder only: the shared CA-MAE decoder has no counterpart in the official "
                  "CAMAEDecoder (docs/science.md §1.5)")
   out = {}
   for row in rows:
     value = np.asarray(_get(params, row.path), np.float32)
+    value = value if row.channel is None else value[row.channel]
     out[row.name] = np.ascontiguousarray(tn.LAYOUTS[row.layout].to_torch(value))
   out.update(tables)
   if fmt == "maes_microscopy":

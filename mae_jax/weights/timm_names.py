@@ -27,6 +27,8 @@ DECODER_NAMES = re.compile(r"^(decoder\.|decoder_pred\.|encoder_decoder_proj\.)"
 # The fixed sin-cos tables (maes `generate_2d_sincos_pos_embeddings`, requires_grad=False): no
 # parameter here, so they are checked on import and regenerated on export.
 POS_EMBED, DECODER_POS = "pos_embed", "decoder.pos_embeddings"
+# CAMAEDecoder's all-zero CLS slot (requires_grad=False): checked and regenerated like the tables.
+PLACEHOLDER = "decoder.placeholder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,8 @@ class Layout:
   torch_shape: Callable[[tuple], tuple]  # NNX shape -> the PyTorch shape
 
 
-def _qkv_to_nnx(w):  # timm Attention.qkv (3d, d) -> (d, 3, d): output k*d + e is [:, k, e]
-  return w.T.reshape(w.shape[1], 3, w.shape[0] // 3)
+def _qkv_to_nnx(w, parts=3):  # timm Attention.qkv (3d, d) -> (d, 3, d): output k*d+e is [:, k, e]
+  return w.T.reshape(w.shape[1], parts, w.shape[0] // parts)
 
 
 LAYOUTS = {
@@ -50,6 +52,11 @@ LAYOUTS = {
                    lambda s: (s[3], s[2], s[0], s[1])),
     "qkv": Layout(_qkv_to_nnx, lambda w: w.reshape(w.shape[0], -1).T,
                   lambda s: (s[1] * s[2], s[0])),
+    # maes CrossAttention.kv (2d, d) -> (d, 2, d), as qkv
+    "kv": Layout(lambda w: _qkv_to_nnx(w, 2), lambda w: w.reshape(w.shape[0], -1).T,
+                 lambda s: (s[1] * s[2], s[0])),
+    # a (1, 1, d) token -> one row (d,) of a stacked parameter
+    "token": Layout(lambda t: t.reshape(-1), lambda t: t.reshape(1, 1, -1), lambda s: (1, 1) + tuple(s)),
     "qkv_bias": Layout(lambda b: b.reshape(3, -1), lambda b: b.reshape(-1), lambda s: (s[0] * s[1],)),
 }
 
@@ -60,6 +67,7 @@ class Entry:
   path: tuple  # path in the NNX parameter pure dict (per-layer blocks)
   layout: str
   part: str  # "encoder" or "decoder"
+  channel: int | None = None  # the row of a parameter stacked over channels (official_ca decoder)
 
 
 def _norm(torch_name, path):
@@ -94,16 +102,49 @@ DECODER_BLOCK = [*_norm("norm1", ("norm1",)),
                  ("mlp.fc2.weight", ("fc2",), "linear"), ("mlp.fc2.bias", ("fc2_bias",), "same")]
 
 
+# maes CAMAEDecoder (model.decoder="official_ca", mae_jax/models/ca_decoder.py): its parameters
+# under "decoder"; modality tokens and per-channel Blocks are rows of channel-stacked parameters.
+CA_DECODER_TOP = [("decoder.mask_token", ("decoder", "mask_token",), "same"),
+                  ("decoder.cross_attention.q.weight", ("decoder", "q"), "linear"),
+                  ("decoder.cross_attention.kv.weight", ("decoder", "kv"), "kv"),
+                  ("decoder.cross_attention.proj.weight", ("decoder", "proj"), "linear"),
+                  ("decoder.cross_attention.proj.bias", ("decoder", "proj_bias"), "same"),
+                  ("decoder.mlp.fc1.weight", ("decoder", "fc1"), "linear"),
+                  ("decoder.mlp.fc1.bias", ("decoder", "fc1_bias"), "same"),
+                  ("decoder.mlp.fc2.weight", ("decoder", "fc2"), "linear"),
+                  ("decoder.mlp.fc2.bias", ("decoder", "fc2_bias"), "same"),
+                  *_norm("decoder.context_norm", ("decoder", "context_norm")),
+                  *_norm("decoder.query_norm", ("decoder", "query_norm")),
+                  *_norm("decoder.out_norm", ("decoder", "out_norm"))]
+
+
+def _ca_decoder_rows(model_cfg) -> list:
+  rows = [Entry(n, p, l, "decoder") for n, p, l in DECODER_TOP[:2] + CA_DECODER_TOP]
+  rows += [Entry(f"decoder.modality_tokens.{m}", ("decoder", "modality_tokens"), "token",
+                 "decoder", m) for m in range(model_cfg.channels)]
+  rows += [Entry(f"decoder.decoders.{m}.{i}.{n}", ("decoder", "decoders", i) + p, l, "decoder", m)
+           for m in range(model_cfg.channels) for i in range(model_cfg.decoder_depth)
+           for n, p, l in DECODER_BLOCK]
+  return rows + [Entry(n, p, l, "decoder") for n, p, l in DECODER_TOP[5:]]  # decoder_pred
+
+
+def official_ca(model_cfg) -> bool:
+  return bool(model_cfg.channel_agnostic) and model_cfg.get("decoder", "shared") == "official_ca"
+
+
 def table(model_cfg) -> list:
   """Every parameter of the ViT MAE `model_cfg` with its PyTorch name, in state-dict order.
 
-  The CA-MAE decoder (one stack with channel tokens, docs/science.md §1.5) has no official
-  counterpart, so for CA-MAE only the encoder is listed.
+  The shared CA-MAE decoder (one stack with channel tokens, docs/science.md §1.5) has no
+  official counterpart, so for it only the encoder is listed; model.decoder="official_ca" is
+  maes' CAMAEDecoder and maps tensor by tensor.
   """
   rows = [Entry(n, p, l, "encoder") for n, p, l in ENCODER_TOP[:3]]
   rows += [Entry(f"blocks.{i}.{n}", ("blocks", i) + p, l, "encoder")
            for i in range(model_cfg.depth) for n, p, l in ENCODER_BLOCK]
   rows += [Entry(n, p, l, "encoder") for n, p, l in ENCODER_TOP[3:]]
+  if official_ca(model_cfg):
+    return rows + _ca_decoder_rows(model_cfg)
   if model_cfg.channel_agnostic:
     return rows
   rows += [Entry(n, p, l, "decoder") for n, p, l in DECODER_TOP[:3]]
@@ -173,6 +214,10 @@ def official_sincos(dim: int, grid: int, modalities: int = 1, cls: bool = True) 
 def fixed_tables(model_cfg) -> dict:
   """{name: table} of the fixed positional tables an official state dict of `model_cfg` holds."""
   grid = model_cfg.image_size // model_cfg.patch_size
+  if official_ca(model_cfg):  # + CAMAEDecoder's table, tiled over its num_modalities channels
+    return {POS_EMBED: official_sincos(model_cfg.width, grid, model_cfg.max_channels),
+            PLACEHOLDER: np.zeros((1, 1, model_cfg.decoder_width), np.float32),
+            DECODER_POS: official_sincos(model_cfg.decoder_width, grid, model_cfg.channels)}
   if model_cfg.channel_agnostic:  # tiled over max_in_chans channels, sliced to the input
     return {POS_EMBED: official_sincos(model_cfg.width, grid, model_cfg.max_channels)}
   return {POS_EMBED: official_sincos(model_cfg.width, grid),

@@ -103,7 +103,8 @@ def export_weights(ckpt, to, fmt: str = "timm", *, step: int | None = None) -> d
   return dict(to=str(to), files=written, format=fmt, checkpoint=str(step_dir),
               step=int(step_dir.name), tensors=len(sd),
               parameters=int(sum(v.size for k, v in sd.items()
-                                 if not k.endswith((tn.POS_EMBED, tn.DECODER_POS)))),
+                                 if not k.endswith((tn.POS_EMBED, tn.DECODER_POS,
+                                                    tn.PLACEHOLDER)))),
               notes=notes)
 
 
@@ -126,7 +127,13 @@ def hf_config(config, fmt: str) -> dict:
              channel_agnostic=bool(m.channel_agnostic), max_in_chans=int(m.max_channels),
              input="uint8 (B, C, H, W) / 255, then per-crop per-channel InstanceNorm2d (eps 1e-5)",
              mae_jax_config=json.loads(config.to_json_best_effort()))
-  if fmt == "maes_microscopy" and not m.channel_agnostic:
+  if fmt == "maes_microscopy" and tn.official_ca(m):  # maes CAMAEDecoder's constructor arguments
+    out["decoder"] = dict(type="CAMAEDecoder", embed_dim=m.decoder_width, depth=m.decoder_depth,
+                          num_heads=m.decoder_heads, num_modalities=m.channels,
+                          tokens_per_modality=(m.image_size // m.patch_size) ** 2, mlp_ratio=4.0,
+                          qkv_bias=True, layer_norm_eps=float(m.get("decoder_norm_eps", 1e-6)),
+                          mask_ratio=m.mask_ratio, fourier_loss_weight=m.fourier_weight)
+  elif fmt == "maes_microscopy" and not m.channel_agnostic:
     out["decoder"] = dict(embed_dim=m.decoder_width, depth=m.decoder_depth,
                           num_heads=m.decoder_heads, mlp_ratio=4.0, qkv_bias=True,
                           mask_ratio=m.mask_ratio, fourier_loss_weight=m.fourier_weight)
