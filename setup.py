@@ -53,5 +53,8 @@ setup(
         # newest that coexists with cp_measure's pillow<12 (2.72+ need pillow>=12.1.1); it brings
         # protobuf 6.33, pyarrow 18 and grpcio 1.65 (docs/data_layouts.md §5).
         "beam": ["apache-beam>=2.71"],
+        # eval.recall's mean average precision (eval/map_metrics.py: copairs);
+        # tests/test_profiles.py checks eval/normalize.py against pycytominer.
+        "profiling": ["copairs>=0.5", "pycytominer>=1.2"],
     },
 )

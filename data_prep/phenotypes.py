@@ -295,6 +295,24 @@ def planted_pairs(gs):
   return [(a, b, ";".join(sorted(s)), ";".join(ids)) for (a, b), (s, ids) in sorted(pairs.items())]
 
 
+def withheld_modules(gs, fraction, seed):
+  """Ids of the planted modules kept out of the screen's annotation files (docs/science.md §4.5):
+  their phenotype is planted but no source names their pairs, so a map that finds them ranks
+  them among its most similar unannotated pairs. Drawn from their own stream, so the genes,
+  latents and pixels do not depend on it."""
+  n = int(round(fraction * len(gs.modules)))
+  rng = np.random.default_rng([seed, 4, 4])
+  return sorted(gs.modules[k].id for k in rng.choice(len(gs.modules), n, replace=False))
+
+
+def screen_annotations(genes, withheld_pairs, reference=None):
+  """Per source: its pairs with both genes in the screen, less the withheld pairs."""
+  rel = (reference or _load_reference())[0]
+  present, drop = set(genes), set(withheld_pairs)
+  return {s: [p for p in pairs if p[0] in present and p[1] in present and p not in drop]
+          for s, pairs in rel.items()}
+
+
 def benchmark_coverage(genes, reference=None):
   """Per source: pairs with both genes in the screen and the distinct genes in them."""
   rel = (reference or _load_reference())[0]

@@ -6,7 +6,13 @@ r"""Writes an embedded synthetic CRISPR screen in the RxRx3 file layout, with it
 Layout (docs/data_layouts.md §2, §6): OUT/metadata.csv (the 10 RxRx3 columns), 16-bit PNGs at
 OUT/images/{experiment_name}/Plate{plate}/{address}_s1_w{1..6}.png on 1536-well plates
 (addresses A01..AF48), and OUT/ground_truth/: genes.csv, expression.csv, planted_pairs.csv,
-phenotypes.npz, wells.csv and screen.json.
+phenotypes.npz, wells.csv, screen.json, withheld_pairs.csv and annotations/{source}.txt.
+
+Withheld modules (--withhold, a fraction of the planted modules): their phenotype is planted,
+but their pairs are in ground_truth/withheld_pairs.csv and removed from the screen's annotation
+files (ground_truth/annotations: each source's pairs inside the screen, for --annotations_dir),
+so `eval.neighbors --top_pairs=N` can be scored on discoveries no source names
+(docs/science.md §4.5).
 
 Design: every experiment holds every guide of every gene once, spread at random over its plates,
 plus --controls_per_plate EMPTY_control wells per plate (TVN fits on them, and needs more control
@@ -46,6 +52,7 @@ CONTROL = "EMPTY_control"
 ROWS = [chr(ord("A") + i) for i in range(26)] + ["A" + chr(ord("A") + i) for i in range(6)]
 COLS = 48
 FORMAT = "mae_jax-synthetic-v1"
+WITHHOLD = 0.2  # share of planted modules left out of ground_truth/annotations
 _MARKER = ".synthetic_run.json"  # parameters of an unfinished run, so a rerun can resume it
 
 
@@ -218,6 +225,10 @@ def render_all(out, wells, size, seed, workers, style=styles.DEFAULT):
 def ground_truth_files(gs, ph, wells, latent, parameters):
   """{relative path: bytes or text} of everything beside the images."""
   pairs = phenotypes.planted_pairs(gs)
+  withheld = set(phenotypes.withheld_modules(gs, parameters.get("withhold", WITHHOLD),
+                                             parameters["seed"]))
+  withheld_pairs = [p for p in pairs if set(p[3].split(";")) & withheld]
+  annotations = phenotypes.screen_annotations(gs.genes, [p[:2] for p in withheld_pairs])
   memberships = {g: [] for g in gs.genes}
   for m in gs.modules:
     for g in m.genes:
@@ -250,6 +261,7 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
       "benchmark_pairs_in_screen": phenotypes.benchmark_coverage(gs.genes),
       "planting_sources": list(phenotypes.PLANT_SOURCES),
       "modules": [{"id": m.id, "source": m.source, "genes": m.genes} for m in gs.modules],
+      "withheld_modules": sorted(withheld), "withheld_pairs": len(withheld_pairs),
   }
   well_params = np.array([[w["params"][k] for k in param_names] for w in wells], np.float32)
   arrays = {
@@ -274,6 +286,10 @@ def ground_truth_files(gs, ph, wells, latent, parameters):
           ("gene", "zFPKM"), [(g, f"{gs.zfpkm[g]:.4f}") for g in gs.genes]),
       "ground_truth/planted_pairs.csv": _csv_text(("entity1", "entity2", "source", "modules"),
                                                   pairs),
+      "ground_truth/withheld_pairs.csv": _csv_text(("entity1", "entity2", "source", "modules"),
+                                                   withheld_pairs),
+      **{f"ground_truth/annotations/{src}.txt": _csv_text(("entity1", "entity2"), rel)
+         for src, rel in annotations.items()},
       "ground_truth/wells.csv": _csv_text(
           ["well_id"] + features,
           [[w["well_id"]] + [f"{v:.6f}" for v in row] for w, row in zip(wells, latent)]),
@@ -312,6 +328,10 @@ def _parser():
                  help=f"morphology style, one of {', '.join(styles.STYLES)}: how cells look and "
                  "how a gene's latent acts on them; the ground truth is the same in every style "
                  "(docs/data_layouts.md §6)")
+  p.add_argument("--withhold", type=float, default=WITHHOLD,
+                 help="share of planted modules whose pairs are left out of "
+                 "ground_truth/annotations and listed in ground_truth/withheld_pairs.csv, to "
+                 "score discoveries (eval.neighbors --top_pairs; docs/science.md §4.5)")
   return p
 
 
@@ -327,6 +347,8 @@ def _check(args):
     raise SyntheticError(f"--image_size={args.image_size}: expected a multiple of 32")
   if args.style not in styles.STYLES:
     raise SyntheticError(f"--style={args.style}: expected one of {', '.join(styles.STYLES)}")
+  if not 0 <= args.withhold <= 1:
+    raise SyntheticError(f"--withhold={args.withhold}: expected 0 to 1")
   if not 0 <= args.unexpressed_fraction <= 0.6:
     raise SyntheticError(f"--unexpressed_fraction={args.unexpressed_fraction}: expected 0 to 0.6")
 
@@ -368,11 +390,13 @@ def generate(args):
   parameters["format"] = FORMAT
   if args.style != styles.DEFAULT:  # absent for the default, so its screen.json is unchanged
     parameters["style"] = args.style
+  if args.withhold != WITHHOLD:  # likewise: earlier screens resume with the default
+    parameters["withhold"] = args.withhold
   _claim(args.out, parameters)
   gs, ph, wells, latent = design(args)
   rendered = render_all(args.out, wells, args.image_size, args.seed, args.workers, args.style)
   outputs, counts = ground_truth_files(gs, ph, wells, latent, parameters)
-  os.makedirs(os.path.join(args.out, "ground_truth"), exist_ok=True)
+  os.makedirs(os.path.join(args.out, "ground_truth", "annotations"), exist_ok=True)
   for rel, data in outputs.items():
     files.write(os.path.join(args.out, rel), data)
   marker = os.path.join(args.out, _MARKER)

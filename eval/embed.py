@@ -1,5 +1,11 @@
 """Embed every well of a prepared dataset with an MAE encoder: tiles -> sites -> wells.
 
+  python -m eval.embed --ckpt=DIR --manifest=SHARDS/manifest.json --out=WELLS.parquet
+
+writes the well embeddings as a profile table (Metadata_Plate, Metadata_Well, Metadata_Site_Count,
+Metadata_Perturbation, Metadata_Gene, Metadata_Batch, Metadata_pert_type, ...; emb_0000 ...;
+eval/profiles.py) that `eval.recall --embeddings`, pycytominer and copairs read.
+
 Each site is cut into non-overlapping crops of the model's image size (four 256² tiles of a 512²
 site, 64 of a 2048² one), crops are embedded in batches sharded over all local devices (mean of
 patch tokens by default; CLS or an earlier block by flag), tile embeddings are averaged to the site
@@ -20,8 +26,8 @@ from mae_jax.util import progress as progress_lib
 from mae_jax.data import input_pipeline
 from eval import EvalError
 
-WELL_COLUMNS = ("well_id", "experiment", "plate", "well", "perturbation", "gene", "perturbation_type",
-                "is_control", "concentration", "smiles", "cell_type")
+WELL_COLUMNS = ("well_id", "experiment", "plate", "well", "site_count", "perturbation", "gene",
+                "perturbation_type", "is_control", "concentration", "smiles", "cell_type")
 
 
 def data_parallel_mesh() -> Mesh:
@@ -154,6 +160,7 @@ def wells_from_sites(site_emb, site_meta):
   emb = pd.DataFrame(site_emb, dtype=np.float64).groupby(codes, sort=True).mean()
   emb = emb.to_numpy(np.float32)
   first = meta.groupby(codes, sort=True).first().reset_index(drop=True)
+  first["site_count"] = np.bincount(codes)
   return emb, first[[c for c in WELL_COLUMNS if c in first] +
                     [c for c in first if c not in WELL_COLUMNS]]
 
@@ -166,3 +173,57 @@ def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, pr
   site_emb, site_meta = embed_manifest(model, manifest, mesh=mesh, pooling=pooling, block=block,
                                        batch_size=batch_size, progress=progress, adabn=adabn)
   return wells_from_sites(site_emb, site_meta)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
+  flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset")
+  flags.DEFINE_string("out", None, "the well table to write (.parquet)")
+  flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (docs/science.md §3.1)")
+  flags.DEFINE_integer("block", None, "encoder block to embed from (default last)")
+  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch")
+  flags.DEFINE_bool("adabn", False, "re-estimate BatchNorm statistics per experiment (WSL "
+                    "checkpoints; docs/science.md §1.10)")
+  flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells "
+                      "(Metadata_pert_type negcon)")
+
+
+def run(f) -> dict:
+  import os
+  from eval import profiles
+  for name in ("ckpt", "manifest", "out"):
+    if not f[name].value:
+      raise EvalError(f"--{name} is required")
+  if not str(f.out).lower().endswith((".parquet", ".pq")):
+    raise EvalError(f"--out={f.out}: the well table is written as parquet (.parquet)")
+  if not os.path.isfile(f.manifest):
+    raise EvalError(f"--manifest={f.manifest}: file not found")
+  start = time.perf_counter()
+  emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
+                          batch_size=f.batch_size, adabn=f.adabn)
+  table = profiles.wells_frame(emb, meta, f.control)
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  profiles.write_parquet(table, f.out)
+  return {"out": f.out, "wells": int(len(table)), "sites": int(meta["site_count"].sum()),
+          "dim": int(emb.shape[1]), "control_wells":
+          int((table["Metadata_pert_type"] == profiles.NEGCON).sum()),
+          "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv):
+  import json
+  from absl import flags
+  from mae_jax.util import cli
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  print(json.dumps(run(flags.FLAGS)))
+
+
+if __name__ == "__main__":
+  from mae_jax.util import cli as _cli
+  _define_flags()
+  _cli.run(main)

@@ -1,4 +1,5 @@
-"""recall.png: recall per source at each threshold pair, with the chance level drawn."""
+"""recall.png: recall per source at each threshold pair, with the chance level drawn; and
+map_metrics.png: copairs mean average precision (eval/map_metrics.py)."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -55,6 +56,38 @@ def plot_recall(result: dict, path, title: str):
             ncol=2 * max(len(keys), 1), handlelength=1.8, columnspacing=1.2)
   n = result.get("n_perturbations")
   ax.set_title(title + (f" · {n:,} perturbations" if n else ""), fontsize=10, pad=24)
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+  plt.close(fig)
+
+
+def plot_map_metrics(metrics: dict, path, title: str):
+  """map_metrics.png: copairs mean average precision of activity and of each source's
+  consistency, beside the fraction retrieved at q < 0.05 (docs/science.md §4.4)."""
+  entries = [("activity\n(vs controls)", metrics.get("activity") or {})]
+  entries += [(f"{src}\n{r.get('groups', 0)} groups", r)
+              for src, r in (metrics.get("consistency") or {}).items()]
+  keys = (("mean_average_precision", "mean mAP"), ("fraction_retrieved", "fraction q < 0.05"))
+  fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(entries), 4.2), dpi=150)
+  x = np.arange(len(entries))
+  for k, (key, label) in enumerate(keys):
+    vals = [r.get(key) for _, r in entries]
+    bars = ax.bar(x - 0.2 + 0.4 * k, [v or 0 for v in vals], 0.37, color=_COLORS[k],
+                  label=label, zorder=2)
+    for b, v in zip(bars, vals):
+      if v is not None:
+        ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+  for pos, (_, r) in enumerate(entries):
+    if "skipped" in r:
+      ax.annotate("skipped", (pos, 0.05), ha="center", fontsize=7, color="#777")
+  ax.set_xticks(x, [name for name, _ in entries], fontsize=8)
+  ax.set_ylim(0, 1.1)
+  ax.set_ylabel("copairs mean average precision")
+  ax.spines[["top", "right"]].set_visible(False)
+  ax.grid(axis="y", alpha=0.3, zorder=0)
+  ax.legend(fontsize=7.5, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+  ax.set_title(title, fontsize=10, pad=22)
   fig.tight_layout()
   fig.savefig(path, format="png")
   plt.close(fig)

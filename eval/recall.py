@@ -28,6 +28,9 @@ from eval import EvalError
 from eval import aggregate as agg
 from eval import benchmarks
 from eval import correct
+from eval import map_metrics
+from eval import normalize
+from eval import profiles
 from eval import tables
 from mae_jax.data import resources
 from mae_jax.util import cli, files
@@ -36,7 +39,10 @@ DEFAULTS = dict(batch_correction="tvn", coral=True, batch_key="experiment",
                 control="EMPTY_control", arm_correction="auto", expression=None,
                 sources=resources.SOURCES, annotations_dir=None, aggregation="mean",
                 perturbation_types=None, thresholds=benchmarks.THRESHOLDS,
-                min_entities=benchmarks.MIN_ENTITIES, strict_sources=False, pairs_by_source=None)
+                min_entities=benchmarks.MIN_ENTITIES, strict_sources=False, pairs_by_source=None,
+                control_query=None, feature_select=(), feature_names=None, blocklist=(),
+                spherize_epsilon=normalize.SPHERIZE_EPSILON, spherize_method="ZCA-cor")
+METHODS = ("none", "tvn", "pca_centerscale", "mad_robustize", "spherize")
 _MAP_KEYS = ("arm_correction", "expression", "sources", "annotations_dir", "thresholds",
              "min_entities", "strict_sources", "pairs_by_source")
 
@@ -61,10 +67,13 @@ def load_sources(sources, annotations_dir=None) -> dict:
 
 
 def _batches(meta, batch_key):
+  """One batch label per row from the batch_key column(s); None for batch_key "none"."""
+  if str(batch_key).strip().lower() in ("", "none"):
+    return None
   cols = []
   for name in str(batch_key).split(","):
     name = name.strip()
-    col = tables.RENAME.get(name.lower(), name.lower())
+    col = name if name in meta else tables.RENAME.get(name.lower(), name.lower())
     if col not in meta:
       raise tables.TableError(f"batch key column {name!r} not in the metadata (columns: "
                               f"{', '.join(map(str, meta.columns))})")
@@ -78,7 +87,8 @@ def _batches(meta, batch_key):
 def describe(result: dict) -> str:
   """A short method line for titles, e.g. "TVN + CORAL, arm-centred (unexpressed genes)"."""
   bc = result.get("batch_correction", {})
-  name = {"tvn": "TVN", "pca_centerscale": "PCA-CenterScale", "none": "no batch correction"}
+  name = {"tvn": "TVN", "pca_centerscale": "PCA-CenterScale", "none": "no batch correction",
+          "mad_robustize": "MAD robustize", "spherize": "spherize (ZCA)"}
   text = name.get(bc.get("method"), "precomputed map")
   if bc.get("method") == "tvn" and "coral" in bc:
     text += " + CORAL"
@@ -113,10 +123,16 @@ def score_map(labels, x, **options) -> dict:
   rec = benchmarks.relationship_recall(x, labels, pairs, o["thresholds"], o["min_entities"],
                                        strict=o["strict_sources"])
   keys = [benchmarks.recall_key(lo, hi) for lo, hi in o["thresholds"]]
-  for src in rec["sources"].values():
+  skipped = {}
+  for name, src in rec["sources"].items():
     if "skipped" in src:
       src.update({k: None for k in keys})
+      skipped[name] = src["entities"]
+  if skipped:  # reported, not silently dropped: recall.json "skipped_sources" and stderr
+    correct.warn(f"sources skipped with fewer than {max(o['min_entities'], 2)} genes in the map: "
+                 + ", ".join(f"{k} ({n})" for k, n in skipped.items()))
   return {"n_perturbations": rec["n_perturbations"], "sources": rec["sources"],
+          "skipped_sources": {"min_entities": max(o["min_entities"], 2), "entities": skipped},
           "null_pairs": rec["null_pairs"], **out,
           "chance": {k: round(lo + 1 - hi, 12) for k, (lo, hi) in zip(keys, o["thresholds"])},
           "seconds_recall": round(time.perf_counter() - t0, 3),
@@ -133,23 +149,17 @@ def score_wells(emb, meta, **options) -> dict:
   if "perturbation" not in meta:
     raise tables.TableError("well metadata has no perturbation column")
   o["pairs_by_source"] = o["pairs_by_source"] or load_sources(o["sources"], o["annotations_dir"])
+  if o["control_query"]:  # e.g. "Metadata_pert_type == 'negcon'": these rows are the controls
+    meta["is_control"] = profiles.query_mask(meta, o["control_query"])
   if o["strict_sources"]:  # fail before the expensive steps
     _check_sources(agg.map_labels(meta)[~agg.excluded_from_map(meta, o["control"])],
                    o["pairs_by_source"], o["min_entities"])
   t0 = time.perf_counter()
-  ctrl, how = agg.control_mask(meta, o["control"])
-  method = o["batch_correction"]
-  if method == "none":
-    info = {"method": "none"}
-  elif method in ("tvn", "pca_centerscale"):
-    batches = _batches(meta, o["batch_key"]) if o["coral"] or method != "tvn" else None
-    if method == "tvn":
-      x, info = correct.tvn(x, ctrl, batches, coral=o["coral"])
-    else:
-      x, info = correct.pca_centerscale(x, ctrl, batches)
-    info["batch_key"] = o["batch_key"]
+  if o["control_query"]:
+    ctrl, how = meta["is_control"].to_numpy(bool), f"query: {o['control_query']}"
   else:
-    raise EvalError(f"batch_correction must be none, tvn or pca_centerscale, got {method!r}")
+    ctrl, how = agg.control_mask(meta, o["control"])
+  x, info = _correct(x, ctrl, meta, o)
   info["controls_from"] = how
   info["control_wells"] = int(ctrl.sum())
   seconds_correction = time.perf_counter() - t0
@@ -163,7 +173,48 @@ def score_wells(emb, meta, **options) -> dict:
                 seconds_correction=round(seconds_correction, 3))
   result["settings"] = _settings(o)
   result["method"] = describe(result)
+  if o.get("map_metrics"):  # copairs mAP, activity + consistency (docs/science.md §4.4)
+    result["mean_average_precision"] = map_metrics.evaluate(
+        labels, result["_map"]["embeddings"], o["pairs_by_source"], (x, meta, ctrl), o["control"])
   return result
+
+
+def _correct(x, ctrl, meta, o):
+  """Batch correction (docs/science.md §3.4); feature selection runs after mad_robustize (the
+  JUMP recipe: normalise, then select) and before the other methods."""
+  method = o["batch_correction"]
+  if method not in METHODS:
+    raise EvalError(f"batch_correction must be one of {', '.join(METHODS)}, got {method!r}")
+  select = list(o["feature_select"] or ())
+  selection = None
+
+  def select_features(x):
+    nonlocal selection
+    keep, selection = normalize.feature_select(x, select, o["feature_names"],
+                                               blocklist=o["blocklist"])
+    return x[:, keep]
+
+  if select and method != "mad_robustize":
+    x = select_features(x)
+  uses_batches = method in ("pca_centerscale", "mad_robustize", "spherize") or o["coral"]
+  batches = _batches(meta, o["batch_key"]) if uses_batches and method != "none" else None
+  if method == "none":
+    info = {"method": "none"}
+  elif method == "tvn":
+    x, info = correct.tvn(x, ctrl, batches, coral=o["coral"])
+  elif method == "pca_centerscale":
+    x, info = correct.pca_centerscale(x, ctrl, batches)
+  elif method == "mad_robustize":
+    x, info = normalize.mad_robustize(x, ctrl, batches)
+    if select:
+      x = select_features(x)
+  else:
+    x, info = normalize.spherize(x, ctrl, batches, o["spherize_epsilon"], o["spherize_method"])
+  if method != "none":
+    info["batch_key"] = o["batch_key"]
+  if selection:
+    info["feature_select"] = selection
+  return x, info
 
 
 def _check_sources(labels, pairs_by_source, min_entities):
@@ -190,10 +241,11 @@ def _consistency(x, meta, control, expression, perturbation_types=None):
 
 def _settings(o):
   keep = ("batch_correction", "coral", "batch_key", "control", "arm_correction", "aggregation",
-          "perturbation_types", "min_entities")
+          "perturbation_types", "min_entities", "control_query")
   s = {k: o[k] for k in keep}
   s["sources"] = list(o["pairs_by_source"] or o["sources"])
   s["thresholds"] = [list(t) for t in o["thresholds"]]
+  s["feature_select"] = list(o["feature_select"] or ())
   s["expression"] = o["expression"] if isinstance(o["expression"], (str, type(None))) else "dict"
   return s
 
@@ -224,10 +276,16 @@ def write_outputs(result: dict, out_dir, title: str | None = None) -> dict:
       f.write(",".join([src, str(r.get("pairs", 0)), str(r.get("entities", ""))] + vals +
                        [str(r.get("skipped", "")).replace(",", ";")]) + "\n")
     plots.plot_recall(data, target("recall.png", "wb"), title)
+    if "activity" in data.get("mean_average_precision", {}):  # copairs ran (eval/map_metrics.py)
+      plots.plot_map_metrics(data["mean_average_precision"], target("map_metrics.png", "wb"),
+                             title)
     if "_map" in result:
-      np.savez(target("gene_embeddings.npz", "wb"),
-               labels=np.asarray(result["_map"]["labels"]).astype(str),
-               embeddings=np.asarray(result["_map"]["embeddings"], np.float32))
+      labels = np.asarray(result["_map"]["labels"]).astype(str)
+      emb = np.asarray(result["_map"]["embeddings"], np.float32)
+      np.savez(target("gene_embeddings.npz", "wb"), labels=labels, embeddings=emb)
+      # the same map as a profile table (Metadata_Perturbation, emb_0000 ...; eval/profiles.py)
+      profiles.map_frame(labels, emb).to_parquet(target("gene_embeddings.parquet", "wb"),
+                                                 index=False)
   return data
 
 
@@ -249,11 +307,28 @@ def _define_flags():
   flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
   flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset (with --ckpt)")
   flags.DEFINE_string("out", None, "output directory")
-  flags.DEFINE_enum("batch_correction", "tvn", ["none", "tvn", "pca_centerscale"],
-                    "well-level batch correction fitted on control wells")
+  flags.DEFINE_enum("batch_correction", "tvn", list(METHODS),
+                    "well-level batch correction fitted on control wells (docs/science.md §3.4): "
+                    "mad_robustize and spherize are pycytominer's normalize methods, per batch")
+  flags.DEFINE_list("feature_select", [], "pycytominer feature_select operations, in order: "
+                    + ", ".join(normalize.OPERATIONS) + " (after mad_robustize, else before the "
+                    "batch correction)")
+  flags.DEFINE_string("blocklist", None, "feature names to drop with --feature_select=blocklist, "
+                      "one a line (e.g. pycytominer's data/blocklist_features.txt)")
+  flags.DEFINE_float("spherize_epsilon", normalize.SPHERIZE_EPSILON, "added to the singular "
+                     "values in --batch_correction=spherize (pycytominer's epsilon)")
+  flags.DEFINE_enum("spherize_method", "ZCA-cor", list(normalize.SPHERIZE_METHODS),
+                    "--batch_correction=spherize: ZCA on standardised (ZCA-cor, pycytominer "
+                    "normalize's default) or centred features")
+  flags.DEFINE_string("perturbation_key", None, "with --embeddings: the perturbation column(s), "
+                      "comma-separated and coalesced row by row; default for a profile table: "
+                      "the first present of " + ", ".join(profiles.PERTURBATION_KEYS))
+  flags.DEFINE_string("control_query", None, "pandas query selecting the control wells, e.g. "
+                      "\"Metadata_pert_type == 'negcon'\" (instead of --control)")
   flags.DEFINE_bool("coral", True, "TVN's per-batch CORAL step")
-  flags.DEFINE_string("batch_key", "experiment", "batch column(s), comma-separated "
-                      "(experiment_name is accepted for experiment)")
+  flags.DEFINE_string("batch_key", "experiment", "batch column(s), comma-separated, any "
+                      "metadata column (e.g. Metadata_Plate; experiment_name is accepted for "
+                      "experiment); none = one batch")
   flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells")
   flags.DEFINE_bool("arm_correction", None, "chromosome-arm centring of the gene map; by default "
                     "only with --expression (unexpressed-gene arm means); =true without "
@@ -273,6 +348,9 @@ def _define_flags():
   flags.DEFINE_string("title", None, "plot title (default: the method)")
   flags.DEFINE_bool("explore", True, "also write DIR/map.html, the browsable map "
                     "(python -m eval.explore)")
+  flags.DEFINE_bool("map_metrics", True, "copairs mean average precision (activity against "
+                    "controls, consistency within annotated groups) into recall.json and map.png; "
+                    "recorded as skipped without copairs (docs/science.md §4.4)")
 
 
 def run(flag_values) -> dict:
@@ -286,7 +364,11 @@ def run(flag_values) -> dict:
                  arm_correction="auto" if f.arm_correction is None else f.arm_correction,
                  sources=tuple(f.sources), annotations_dir=f.annotations_dir,
                  aggregation=f.aggregation, perturbation_types=f.perturbation_types,
-                 min_entities=f.min_entities, strict_sources=f["sources"].present)
+                 min_entities=f.min_entities, strict_sources=f["sources"].present,
+                 control_query=f.control_query, feature_select=tuple(f.feature_select),
+                 spherize_epsilon=f.spherize_epsilon, spherize_method=f.spherize_method,
+                 blocklist=tuple(normalize.read_blocklist(f.blocklist)) if f.blocklist else ())
+  options["map_metrics"] = f.map_metrics
   if f.expression and f.expression.lower() != "u2os" and not os.path.isfile(f.expression):
     raise tables.TableError(f"{f.expression}: expression file not found")
   if f.ckpt:
@@ -299,7 +381,9 @@ def run(flag_values) -> dict:
                             batch_size=f.batch_size, adabn=f.adabn)
     level = "wells"
   else:
-    emb, meta, level, notes = tables.load_embeddings(f.embeddings, f.metadata)
+    emb, meta, level, notes = tables.load_embeddings(f.embeddings, f.metadata,
+                                                     f.perturbation_key)
+    options["feature_names"] = meta.attrs.get("feature_names")
     for note in notes:
       correct.warn(note)
   if level == "wells":
@@ -312,6 +396,10 @@ def run(flag_values) -> dict:
     result.update(batch_correction={"method": "precomputed"}, settings=_settings(
         {**DEFAULTS, **options}))
     result["method"] = describe(result)
+    if f.map_metrics:  # no wells: consistency only (docs/science.md §4.4)
+      result["mean_average_precision"] = map_metrics.evaluate(
+          result["_map"]["labels"], result["_map"]["embeddings"],
+          load_sources(f.sources, f.annotations_dir))
   data = write_outputs(result, f.out, f.title)
   if f.arm_correction is None and not f.expression:  # recall.json says so too
     correct.warn("arm correction skipped: no expression table; pass --expression=CSV (gene,"

@@ -4,6 +4,8 @@ Standard well metadata columns (as `eval.embed.embed_wells` returns them): well_
 plate, well, perturbation, gene, perturbation_type, is_control, concentration, smiles.
 RxRx3 / RxRx3-core metadata (experiment_name, address, treatment, SMILES, ...) is renamed to
 them; OpenPhenom tables (`well_id`, `feature_0 ... feature_383`) are mean-reduced per well_id.
+Profile tables (pycytominer / JUMP: `Metadata_*` columns, `emb_*` or CellProfiler features) are
+read through `eval/profiles.py`; a `Metadata_*` column is never a feature.
 """
 import os
 import re
@@ -12,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from eval import EvalError
+from eval import profiles
 
 STANDARD = ("well_id", "experiment", "plate", "well", "perturbation", "gene",
             "perturbation_type", "is_control", "concentration", "smiles")
@@ -54,15 +57,23 @@ def _truthy(v) -> bool:
 
 
 def _feature_columns(df: pd.DataFrame, path) -> list:
-  named = [c for c in df.columns if _FEATURE.match(str(c))]
+  """feature_0 / emb_0000 ... columns; else CellProfiler measurements (Cells_, Cytoplasm_,
+  Nuclei_, Image_); else every numeric column that is no known metadata. Never Metadata_*."""
+  numeric = lambda cols: [c for c in cols if pd.api.types.is_numeric_dtype(df[c])]
+  columns = [c for c in df.columns if not profiles.is_metadata(c)]
+  named = [c for c in columns if _FEATURE.match(str(c))]
   if named:
     return sorted(named, key=lambda c: int(_FEATURE.match(str(c)).group(2)))
-  known = {c for c in df.columns if str(c).lower() in STANDARD or str(c).lower() in RENAME}
-  numeric = [c for c in df.columns if c not in known and pd.api.types.is_numeric_dtype(df[c])]
-  if not numeric:
-    raise TableError(f"{path}: no feature columns (expected feature_0, feature_1, ... or "
-                     "numeric columns)")
-  return numeric
+  measured = numeric(profiles.cellprofiler_features(columns))
+  if measured:
+    return measured
+  known = {c for c in columns if str(c).lower() in STANDARD or str(c).lower() in RENAME}
+  rest = numeric([c for c in columns if c not in known])
+  if not rest:
+    raise TableError(f"{path}: no feature columns (expected feature_0, emb_0000, ..., "
+                     "CellProfiler Cells_/Cytoplasm_/Nuclei_/Image_ columns or other numeric "
+                     "columns that are not Metadata_*)")
+  return rest
 
 
 def read_table(path) -> tuple:
@@ -86,7 +97,9 @@ def read_table(path) -> tuple:
     raise TableError(f"{path}: cannot read table: {str(e).splitlines()[0]}") from None
   cols = _feature_columns(df, path)
   x = df[cols].to_numpy(np.float32)
-  return x, df.drop(columns=cols).reset_index(drop=True)
+  meta = df.drop(columns=cols).reset_index(drop=True)
+  meta.attrs["feature_names"] = [str(c) for c in cols]
+  return x, meta
 
 
 def _read_npz(path):
@@ -133,12 +146,32 @@ def read_metadata(path) -> pd.DataFrame:
   return df
 
 
-def load_embeddings(path, metadata=None) -> tuple:
-  """(x, meta, level): level "wells" (meta has well columns) or "perturbations" (a map).
+def load_embeddings(path, metadata=None, perturbation_key=None) -> tuple:
+  """(x, meta, level, warnings): level "wells" (meta has well columns) or "perturbations" (a map).
 
   With a metadata CSV the table is joined on well_id (wells without metadata are dropped, with a
-  count in the warnings list); without one the table's own columns are the metadata."""
+  count in the warnings list); without one the table's own columns are the metadata. A profile
+  table (Metadata_* columns) or an explicit `perturbation_key` goes through
+  `profiles.standardise`. meta.attrs["feature_names"] names the feature columns."""
   x, df = read_table(path)
+  names = np.asarray(df.attrs.get("feature_names", []), object)
+  finite = np.isfinite(x).all(axis=0)
+  notes = []
+  if not finite.all():  # CellProfiler columns often have NaNs; nothing downstream takes them
+    if not finite.any():
+      raise TableError(f"{path}: every feature column has missing or infinite values")
+    notes.append(f"{int((~finite).sum())} of {len(finite)} feature columns have missing or "
+                 "infinite values and are dropped")
+    x, names = x[:, finite], names[finite]
+  x, df, level, warnings = _load(path, x, df, metadata, perturbation_key)
+  df.attrs["feature_names"] = [str(n) for n in names]
+  return x, df, level, notes + warnings
+
+
+def _load(path, x, df, metadata, perturbation_key):
+  if profiles.is_profile_table(df) or perturbation_key:
+    df = profiles.standardise(normalise_columns(df), perturbation_key,
+                              required=metadata is None)
   df = normalise_columns(df)
   warnings = []
   if "well_id" in df:

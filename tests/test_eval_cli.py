@@ -103,8 +103,10 @@ def test_cli_end_to_end_rxrx3_core(screen, tmp_path):
   assert last["batch_correction"]["method"] == "tvn" and last["batch_correction"]["coral"]
   assert last["arm_correction"]["mode"] is None  # no --expression: skipped unless asked for
   assert "no expression table" in last["arm_correction"]["skipped"]
-  assert sorted(p.name for p in out.iterdir()) == ["gene_embeddings.npz", "map.html",
-                                                   "recall.csv", "recall.json", "recall.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["gene_embeddings.npz",
+                                                   "gene_embeddings.parquet", "map.html",
+                                                   "map_metrics.png", "recall.csv", "recall.json",
+                                                   "recall.png"]
   with np.load(out / "gene_embeddings.npz") as z:
     labels = list(z["labels"])
     assert z["embeddings"].shape[0] == len(labels)
@@ -244,7 +246,9 @@ def test_ckpt_branch_calls_embed_wells(screen, tmp_path, monkeypatch):
              explore=False, batch_correction="tvn", coral=True, batch_key="experiment", control="EMPTY_control",
              arm_correction=None, expression=None, sources=["CORUM"],
              annotations_dir=f"{root}/annotations", aggregation="median",
-             perturbation_types=["CRISPR"], min_entities=20, title="ckpt test")
+             perturbation_types=["CRISPR"], min_entities=20, title="ckpt test",
+             control_query=None, feature_select=[], blocklist=None, spherize_epsilon=1e-6,
+             spherize_method="ZCA-cor", perturbation_key=None, map_metrics=False)
   data = recall.run(f)
   assert calls == [("/w/ckpt", "/d/manifest.json",
                     {"pooling": "cls", "block": 3, "batch_size": 16, "adabn": True})]

@@ -178,8 +178,9 @@ def test_layout_is_rxrx3(screen):
   with Image.open(folder / f"{r['address']}_s1_w1.png") as im:
     assert im.mode == "I;16" and im.size == (256, 256)
   truth = screen / "ground_truth"
-  assert sorted(os.listdir(truth)) == ["expression.csv", "genes.csv", "phenotypes.npz",
-                                       "planted_pairs.csv", "screen.json", "wells.csv"]
+  assert sorted(os.listdir(truth)) == ["annotations", "expression.csv", "genes.csv",
+                                       "phenotypes.npz", "planted_pairs.csv", "screen.json",
+                                       "wells.csv", "withheld_pairs.csv"]
   wells = _read_csv(truth / "wells.csv")
   assert [w["well_id"] for w in wells] == [r["well_id"] for r in rows]
   assert list(wells[0]) == ["well_id"] + [f"feature_{i}" for i in range(16)]
