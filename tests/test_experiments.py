@@ -96,6 +96,12 @@ def test_report_has_every_arm_on_both_styles(killed_and_resumed):
     assert data == json.loads((out / style / "report.json").read_text())
     check_screen_report(out / style, data)
   assert study["screens"]["default"]["arms"]["cellprofiler"]["field_px"] == 64
+  # One budget for both screens: the second takes the first's plans, probes nothing.
+  budgets = {k: study["screens"][k]["budget"] for k in STYLES}
+  assert budgets["default"]["from_screen"] is None and budgets["granular"]["from_screen"] == "default"
+  for name in arms.ARMS_BY_NAME:
+    assert len({study["screens"][k]["arms"][name]["steps"] for k in STYLES}) == 1, name
+  assert not (out / "granular" / "runs" / "plans" / f"probe_{arms.REFERENCE}").exists()
 
 
 def check_screen_report(out, data):
@@ -217,6 +223,22 @@ def test_cellprofiler_features_of_a_site():
   assert feats[area] > 300  # pi 14² ~ 615 px
   blank = cellprofiler.site_features(np.zeros((64, 64, 6), np.uint16))
   assert blank.shape == feats.shape and not blank.any()  # no objects: zeros, not an error
+
+
+def test_without_cp_measure_the_arm_is_skipped_with_its_reason(killed_and_resumed, monkeypatch):
+  from mae_jax.demo import cellprofiler  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "cp_measure", None)  # import cp_measure now fails
+  cellprofiler._measurements.cache_clear()  # pylint: disable=protected-access
+  try:
+    why = cellprofiler.available()
+  finally:
+    monkeypatch.undo()
+    cellprofiler._measurements.cache_clear()  # pylint: disable=protected-access
+  assert why.startswith("cp_measure is not installed") and ".[cellprofiler]" in why
+  data = json.loads((killed_and_resumed[0] / "default" / "report.json").read_text())
+  del data["arms"]["cellprofiler"]
+  data["skipped"] = {"cellprofiler": why}
+  assert f"Not run: cellprofiler ({why})." in report.markdown(data)
 
 
 # -- pieces -------------------------------------------------------------------------------------

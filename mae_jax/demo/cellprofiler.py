@@ -14,7 +14,7 @@ pipelines), measured by cp_measure's port of CellProfiler's modules on a simple 
     on a quarter-resolution image);
   * per site: the mean of each measurement over the site's objects, plus the object counts.
 The centre `field`² pixels of each site are measured, the same field for every site (about
-0.3 s per 128² and 1.2 s per 256² six-channel field on one core, docs/science.md §8).
+0.11 / 0.19 / 0.55 CPU s per 64² / 96² / 256² six-channel field, docs/science.md §8).
 No jax here: this runs in the pixel-statistics worker processes (mae_jax/demo/baselines.py).
 """
 import functools

@@ -130,10 +130,24 @@ def data_paths(out):
   return paths
 
 
-def plan_all(timer, paths, s):
-  """{arm: plan}: the reference's from a probe (or --steps), the others at its FLOPs."""
+def plan_all(timer, paths, s, first=None):
+  """{arm: plan}: the reference's from a probe (or --steps), the others at its FLOPs.
+
+  `first`: (screen, its plans) of the suite's first screen. Every later screen takes those
+  plans as they are: the screens share the image size, shard format and networks, so a probe
+  would measure the same step times again, and one budget for every screen keeps the screens'
+  verdicts comparable (docs/science.md §8).
+  """
   plan_dir = os.path.join(paths["runs"], "plans")
   os.makedirs(plan_dir, exist_ok=True)
+  if first is not None:
+    screen, plans = first
+    for arm in arms.ARMS:
+      path = os.path.join(plan_dir, f"{arm.name}.json")
+      timer.stage(f"plan_{arm.name}", path, lambda p=path, a=arm.name: stages.write_json(
+          p, {**plans[a], "from_screen": screen}))
+    return {arm.name: stages.read_json(os.path.join(plan_dir, f"{arm.name}.json"))
+            for arm in arms.ARMS}
   tiny, points = _TINY.value, s.eval_points
   ref_cfg = arms.train_config(arms.arm_config(arms.ARMS_BY_NAME[arms.REFERENCE], tiny=tiny),
                               paths["manifest"], s.probe_steps, 1)
@@ -208,9 +222,11 @@ def study(out):
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   by_screen, settings = {}, stages.read_json(os.path.join(out, "study.json"))
+  first = None  # (screen, plans): the first screen's budget is every screen's
   for name in screens():
     stages.PREFIX = f"experiments[{name}]"  # every stage's log line names its screen
-    by_screen[name] = pipeline(os.path.join(out, name), name, s, settings)
+    by_screen[name] = pipeline(os.path.join(out, name), name, s, settings, first)
+    first = first or (name, {a: by_screen[name]["arms"][a]["plan"] for a in arms.ARMS_BY_NAME})
   stages.PREFIX = "experiments"
   data = screens_report.combine_screens(
       by_screen, tuned_on=None if _MANIFEST.value else TUNED_ON, settings=settings)
@@ -218,7 +234,7 @@ def study(out):
   return data
 
 
-def pipeline(out, style, s, settings):
+def pipeline(out, style, s, settings, first=None):
   """One screen's study in `out` (its report.json is that screen's entry in DIR/report.json)."""
   from mae_jax.demo import cellprofiler  # pylint: disable=g-import-not-at-top
   from mae_jax.experiments import report, runs  # pylint: disable=g-import-not-at-top
@@ -252,7 +268,7 @@ def pipeline(out, style, s, settings):
   else:
     skipped["cellprofiler"] = cellprofiler.available()
 
-  plans = plan_all(timer, paths, s)
+  plans = plan_all(timer, paths, s, first)
   specs, grid = run_specs(paths, s, plans, subsets)
   steps_of, loss_of = {}, {}
   for name, spec in specs.items():

@@ -193,6 +193,9 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
   if "cellprofiler" in scores:
     out["cellprofiler"] = {"label": "CellProfiler features (cp_measure)", "group": "baseline",
                            "train_flops": 0.0, "field_px": suite.cp_field,
+                           "fields_per_site": 1, "sites": "every site of every well",
+                           "standardisation": "as pixel_stats: none before scoring, whose TVN "
+                                              "whitens every feature on the controls",
                            **entry(scores["cellprofiler"])}
   if "ceiling" in scores:
     out["ceiling"] = {"label": "true phenotypes (ceiling)", "group": "baseline",
@@ -240,6 +243,7 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
                  "reference_steps": plans[arms.REFERENCE]["total_steps"],
                  "flops": plans[arms.REFERENCE]["flops"], "rules": rules,
                  "wall_cap": suite.wall_cap, "source": plans[arms.REFERENCE]["source"],
+                 "from_screen": plans[arms.REFERENCE].get("from_screen"),
                  "estimated_train_seconds": sum(p.get("train_seconds") or 0
                                                 for p in plans.values())},
       "arms": out, "grid": points, "spearman": by_size,
@@ -414,7 +418,8 @@ def markdown(data):
       f"Suite `{data['suite']}` on {data['device']}; seeds per arm: {data['seeds']}; every "
       f"{data['tile_stride']}-th tile row and column embedded (1: every tile).", "",
       f"Budget: the reference arm ({b['reference']}) trains {b['reference_steps']} steps "
-      f"({b['flops'] / 1e12:.2f} TFLOP; {b['minutes']:g} min, source: {b['source']}); every "
+      f"({b['flops'] / 1e12:.2f} TFLOP; {b['minutes']:g} min, source: {b['source']}" +
+      (f", the plans of screen `{b['from_screen']}`" if b.get("from_screen") else "") + "); every "
       "arm trains on the same shards at **equal training FLOPs**" +
       (f", except {', '.join(capped)} at **equal wall time** (FLOP-equal steps would have taken "
        f"more than {b['wall_cap']:g}x the reference's time)" if capped else "") + ".", "",
