@@ -43,7 +43,6 @@ def make_ceiling(paths, path):
 
 def make_pixel_stats(paths, path, workers, kind="pixel_stats", **options):
   """Hand-crafted well features: pixel statistics, or CellProfiler's (kind="cellprofiler")."""
-  from eval import embed  # pylint: disable=g-import-not-at-top
   from mae_jax.demo import baselines  # pylint: disable=g-import-not-at-top
   step = {"next": 0.0}
 
@@ -53,7 +52,20 @@ def make_pixel_stats(paths, path, workers, kind="pixel_stats", **options):
       step["next"] += 0.25
   feats, site_meta = baselines.manifest_features(paths["manifest"], workers=workers,
                                                  progress=progress, kind=kind, **options)
-  stages.save_wells(path, *embed.wells_from_sites(feats, site_meta))
+  save_sites(path, feats, site_meta)
+
+
+def save_sites(path, site_emb, site_meta):
+  """Site embeddings -> well embeddings (eval.embed's mean over sites) saved in `path`."""
+  from eval import embed  # pylint: disable=g-import-not-at-top
+  stages.save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
+
+
+def scoring_inputs(paths):
+  """The annotation pairs of every default source and the expression table of the screen."""
+  from eval import recall  # pylint: disable=g-import-not-at-top
+  return {"pairs_by_source": recall.load_sources(recall.DEFAULTS["sources"]),
+          "expression": recall.load_expression(paths["expression"])}
 
 
 def mesh_and_model(model_cfg=None, ckpt=None, seed=0):
@@ -74,7 +86,7 @@ def embed_model(paths, path, model_cfg=None, ckpt=None, seed=0):
   from eval import embed  # pylint: disable=g-import-not-at-top
   mesh, model = mesh_and_model(model_cfg, ckpt, seed)
   site_emb, site_meta = embed.embed_manifest(model, paths["manifest"], mesh=mesh, batch_size=64)
-  stages.save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
+  save_sites(path, site_emb, site_meta)
 
 
 def score(paths, emb_path, out_dir, shared):
@@ -89,8 +101,7 @@ def score(paths, emb_path, out_dir, shared):
     done = os.path.join(target, "recall.json")
     if not os.path.exists(done):
       if not shared:
-        shared.update(pairs_by_source=recall.load_sources(recall.DEFAULTS["sources"]),
-                      expression=recall.load_expression(paths["expression"]))
+        shared.update(scoring_inputs(paths))
       emb, meta = stages.load_wells(emb_path)
       result = recall.score_wells(emb, meta, **shared, **options)
       result["settings"]["expression"] = paths["expression"]

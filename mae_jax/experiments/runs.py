@@ -60,7 +60,6 @@ def embed(paths, path, stride=1, model_cfg=None, ckpt=None, seed=0):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from eval import embed as embed_lib  # pylint: disable=g-import-not-at-top
   from mae_jax.data import input_pipeline, records  # pylint: disable=g-import-not-at-top
   _, model = tasks.mesh_and_model(model_cfg, ckpt, seed)
   graphdef, params, state = nnx.split(model, nnx.Param, ...)
@@ -97,8 +96,7 @@ def embed(paths, path, stride=1, model_cfg=None, ckpt=None, seed=0):
     run(x, sites)
   seen = counts > 0
   site_emb = (sums[seen] / counts[seen, None]).astype(np.float32)
-  stages.save_wells(path, *embed_lib.wells_from_sites(site_emb,
-                                                       [m for m, s in zip(meta, seen) if s]))
+  tasks.save_sites(path, site_emb, [m for m, s in zip(meta, seen) if s])
 
 
 def losses(paths, train_dir, config, steps, crops=tasks.EVAL_CROPS):
@@ -136,10 +134,9 @@ def annotations(paths, wells_path):
   genes are metadata values of the screen, so the restriction changes no number; it makes each
   of the many scorings filter thousands of pairs instead of every annotated one.
   """
-  from eval import recall  # pylint: disable=g-import-not-at-top
   _, meta = stages.load_wells(wells_path)
   names = {str(v) for c in meta.columns for v in meta[c].unique()}
-  pairs = recall.load_sources(recall.DEFAULTS["sources"])
-  return {"pairs_by_source": {s: [p for p in v if p[0] in names and p[1] in names]
-                              for s, v in pairs.items()},
-          "expression": recall.load_expression(paths["expression"])}
+  inputs = tasks.scoring_inputs(paths)
+  inputs["pairs_by_source"] = {s: [p for p in v if p[0] in names and p[1] in names]
+                               for s, v in inputs["pairs_by_source"].items()}
+  return inputs
