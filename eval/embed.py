@@ -1,6 +1,6 @@
 """Embed every well of a prepared dataset with an MAE encoder: tiles -> sites -> wells.
 
-  python -m eval.embed --ckpt=DIR --manifest=SHARDS/manifest.json --out=WELLS.parquet
+  python -m eval.embed --ckpt=DIR --manifest=SHARDS/manifest.json --out=DIR|WELLS.parquet
 
 writes the well embeddings as a profile table (Metadata_Plate, Metadata_Well, Metadata_Site_Count,
 Metadata_Perturbation, Metadata_Gene, Metadata_Batch, Metadata_pert_type, ...; emb_0000 ...;
@@ -181,7 +181,8 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
   flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset")
-  flags.DEFINE_string("out", None, "the well table to write (.parquet)")
+  flags.DEFINE_string("out", None, "the well table to write: FILE.parquet, or a folder that gets "
+                      "its part wells-00000-of-00001.parquet (eval.recall --embeddings reads both)")
   flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (docs/science.md §3.1)")
   flags.DEFINE_integer("block", None, "encoder block to embed from (default last)")
   flags.DEFINE_integer("batch_size", 32, "crops per embedding batch")
@@ -197,17 +198,18 @@ def run(f) -> dict:
   for name in ("ckpt", "manifest", "out"):
     if not f[name].value:
       raise EvalError(f"--{name} is required")
-  if not str(f.out).lower().endswith((".parquet", ".pq")):
-    raise EvalError(f"--out={f.out}: the well table is written as parquet (.parquet)")
   if not os.path.isfile(f.manifest):
     raise EvalError(f"--manifest={f.manifest}: file not found")
   start = time.perf_counter()
   emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
                           batch_size=f.batch_size, adabn=f.adabn)
   table = profiles.wells_frame(emb, meta, f.control)
-  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-  profiles.write_parquet(table, f.out)
-  return {"out": f.out, "wells": int(len(table)), "sites": int(meta["site_count"].sum()),
+  out = f.out
+  if not str(out).lower().endswith((".parquet", ".pq")):  # a folder of parts (one process: one)
+    out = os.path.join(out, "wells-00000-of-00001.parquet")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  profiles.write_parquet(table, out)
+  return {"out": out, "wells": int(len(table)), "sites": int(meta["site_count"].sum()),
           "dim": int(emb.shape[1]), "control_wells":
           int((table["Metadata_pert_type"] == profiles.NEGCON).sum()),
           "seconds": round(time.perf_counter() - start, 3)}

@@ -79,13 +79,16 @@ def _feature_columns(df: pd.DataFrame, path) -> list:
 def read_table(path) -> tuple:
   """(features (R, D) float32, DataFrame of the other columns) from parquet, CSV/TSV or NPZ."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise TableError(f"{path}: file not found")
+  parts = os.path.isdir(path) and any(n.endswith(".parquet") for n in os.listdir(path))
+  if not (os.path.isfile(path) or parts):
+    raise TableError(f"{path}: file not found (or a folder without .parquet parts)")
   low = path.lower()
   try:
-    if low.endswith(".npz"):
+    if parts:  # eval.embed --out=DIR: its parquet parts, read as one table
+      df = pd.read_parquet(path)
+    elif low.endswith(".npz"):
       return _read_npz(path)
-    if low.endswith((".parquet", ".pq")):
+    elif low.endswith((".parquet", ".pq")):
       df = pd.read_parquet(path)
     elif low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
       df = pd.read_csv(path, sep="\t" if ".tsv" in low else ",")

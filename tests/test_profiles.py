@@ -2,6 +2,7 @@
 pycytominer normalisations (eval/normalize.py), checked against pycytominer itself."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,12 @@ def test_embed_cli_parquet_round_trip_gives_the_same_recall(screen, tmp_path):
               f"--annotations_dir={ann}", "--arm_correction=false", "--explore=false")
   x, meta, level, _ = tables.load_embeddings(out)
   assert level == "wells"
+  parts = tmp_path / "parts"  # --out=DIR: its parts read back as one table
+  parts.mkdir()
+  shutil.copy(out, parts / "wells-00000-of-00001.parquet")
+  x_dir, meta_dir, _, _ = tables.load_embeddings(parts)
+  np.testing.assert_array_equal(x_dir, x)
+  assert list(meta_dir["well_id"]) == list(meta["well_id"])
   b = recall.public(recall.score_wells(x, meta, **dict(OPTS, annotations_dir=str(ann))))
   assert a["n_wells"] == b["n_wells"] and a["n_perturbations"] == b["n_perturbations"]
   for src in a["sources"]:
