@@ -59,14 +59,21 @@ def configure_threads(n):
   Returns:
     dict of the environment variables that were set.
   """
-  n = int(n)
-  if n < 1:
-    raise ValueError(f"configure_threads: n must be >= 1, got {n}")
+  env = thread_env(n)
   loaded = [m for m in ("jax", "numpy") if m in sys.modules]
   if loaded:
     raise RuntimeError(
         f"configure_threads({n}) must be called before importing "
         f"{' and '.join(loaded)}: thread pools are sized when they load")
+  os.environ.update(env)
+  return env
+
+
+def thread_env(n) -> dict:
+  """The environment variables that pin a (child) process's XLA:CPU and BLAS pools to `n`."""
+  n = int(n)
+  if n < 1:
+    raise ValueError(f"configure_threads: n must be >= 1, got {n}")
   env = {"PJRT_NPROC": str(n)}
   env.update({var: str(n) for var in _BLAS_VARS})
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -75,7 +82,6 @@ def configure_threads(n):
   if n == 1:
     flags += _SINGLE_THREAD_XLA_FLAGS
   env["XLA_FLAGS"] = " ".join(flags)
-  os.environ.update(env)
   return env
 
 

@@ -37,18 +37,22 @@ def data_parallel_mesh() -> Mesh:
 
 
 def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, batch_size=32,
-                   progress=True, adabn=False, progress_every=30.0, pad_tiles=False):
-  """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`.
+                   progress=True, adabn=False, progress_every=30.0, pad_tiles=False,
+                   sites=None, metadata=None, timing=None):
+  """(site embeddings (S, D) float32, site metadata list) of every site in `manifest`, or of
+  the site indices `sites` (one process's share, eval/parts.py).
 
   Sites of any size: each gives the largest centred grid of whole model-size tiles, or with
   `pad_tiles` the smallest grid covering it, zero-padded (input_pipeline.tile_grid); each site's
   metadata records how many tiles it gave ("tiles").
 
-  `progress`: a bar on stderr when it is a terminal, else a line (done/total, rate, ETA) every
+  `timing`, a dict, receives "crops", "seconds" and "crops_per_s" (after the first batch, which
+  compiles). `progress`: a bar on stderr when it is a terminal, else a line (done/total, rate, ETA) every
   `progress_every` seconds (mae_jax/util/progress.py).
 
   With `adabn` (models with BatchNorm: the WSL DenseNet) each experiment's crops are embedded
-  with BatchNorm statistics re-estimated on that experiment (`adabn_statistics`).
+  with BatchNorm statistics re-estimated on that experiment (`adabn_statistics`), from all of
+  its sites even when only some of them are to be embedded here.
   """
   mesh = mesh or data_parallel_mesh()
   n_dev = mesh.devices.size
@@ -63,25 +67,30 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
     return nnx.merge(graphdef, params, stats).embed(images, pooling=pooling, block=block)
 
   cfg = model.cfg
-  metadata = input_pipeline.site_metadata(manifest)
+  metadata = metadata or input_pipeline.site_metadata(manifest)
   channels = None if cfg.get("channel_agnostic") else cfg.channels  # CA-MAE takes any count
-  tiles = lambda: input_pipeline.eval_tiles(manifest, tile_size=cfg.image_size,
-                                            batch_size=batch_size, expect_channels=channels,
-                                            pad=pad_tiles)
+  tiles = lambda sites: input_pipeline.eval_tiles(
+      manifest, tile_size=cfg.image_size, batch_size=batch_size, expect_channels=channels,
+      pad=pad_tiles, sites=sites)
   experiment = np.array([str(m.get("experiment", "")) for m in metadata])
   if adabn:
     if not hasattr(model, "batch_statistics"):
       raise EvalError(f"--adabn re-estimates BatchNorm statistics; a {type(model).__name__} has "
                       f"none (it is for the WSL DenseNet)")
-    per_experiment = adabn_statistics(model, tiles(), experiment, batch_size, replicated)
+    statistics_sites = None if sites is None else np.flatnonzero(
+        np.isin(experiment, experiment[sites]))
+    per_experiment = adabn_statistics(model, tiles(statistics_sites), experiment, batch_size,
+                                      replicated)
   sums, counts = None, np.zeros(len(metadata), np.int64)
-  bar = progress_lib.Progress(len(metadata), unit="site", desc="embedding",
-                              mode="auto" if progress else "off", every=progress_every)
-  start, crops, last_site = time.perf_counter(), 0, -1
-  for batch in tiles():
+  bar = progress_lib.Progress(len(metadata) if sites is None else len(sites), unit="site",
+                              desc="embedding", mode="auto" if progress else "off",
+                              every=progress_every)
+  start, crops = time.perf_counter(), 0
+  for batch in tiles(sites):
     images, sites = batch["image"], batch["site"]
     groups = ([(stats, np.ones(len(sites), bool))] if not adabn else
               [(per_experiment[e], experiment[sites] == e) for e in np.unique(experiment[sites])])
+    fresh = int((counts[np.unique(sites)] == 0).sum())  # a site's tiles may span two batches
     for group_stats, rows in groups:
       n = int(rows.sum())
       # Pad a short batch: one compiled shape, an even split over devices.
@@ -93,15 +102,20 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
         sums = np.zeros((len(metadata), emb.shape[1]), np.float64)
       np.add.at(sums, sites[rows], emb)
       np.add.at(counts, sites[rows], 1)
+    if not crops:
+      warm = (time.perf_counter(), len(sites))
     crops += len(sites)
-    seen_sites = np.unique(sites)  # a site's tiles may span two batches: count it once
-    bar.update(int(seen_sites.size - (seen_sites[0] == last_site)))
-    last_site = int(seen_sites[-1])
+    bar.update(fresh)
     bar.set_postfix(crops_per_s=f"{crops / (time.perf_counter() - start):.1f}")
   bar.close()
   seconds = time.perf_counter() - start
-  logging.info("embedded %d crops of %d sites in %.1f s (%.1f crops/s)", crops, len(metadata),
-               seconds, crops / max(seconds, 1e-9))
+  # crops/s after the first batch (which compiles); over the whole loop when it was the only one
+  steady = (crops / max(seconds, 1e-9) if crops == warm[1] else
+            (crops - warm[1]) / max(time.perf_counter() - warm[0], 1e-9)) if crops else 0.0
+  logging.info("embedded %d crops of %d sites in %.1f s (%.1f crops/s after the first batch)",
+               crops, int((counts > 0).sum()), seconds, steady)
+  if timing is not None:
+    timing.update(crops=crops, seconds=seconds, crops_per_s=steady)
   if sums is None:
     raise EvalError(f"{manifest}: no site could be embedded")
   seen = counts > 0
@@ -166,12 +180,14 @@ def wells_from_sites(site_emb, site_meta):
 
 
 def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, progress=True,
-                adabn=False):
-  """Restores the encoder of `ckpt` and embeds every well of `manifest` (eval.recall --ckpt)."""
+                adabn=False, **share):
+  """Restores the encoder of `ckpt` and embeds every well of `manifest` (eval.recall --ckpt), or
+  one process's share (`sites`, `metadata`, `timing`: embed_manifest)."""
   mesh = data_parallel_mesh()
   model, _ = checkpointing.load_for_eval(ckpt, mesh=mesh)
   site_emb, site_meta = embed_manifest(model, manifest, mesh=mesh, pooling=pooling, block=block,
-                                       batch_size=batch_size, progress=progress, adabn=adabn)
+                                       batch_size=batch_size, progress=progress, adabn=adabn,
+                                       **share)
   return wells_from_sites(site_emb, site_meta)
 
 
@@ -179,50 +195,92 @@ def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, pr
 
 def _define_flags():
   from absl import flags
+  from mae_jax.util import distributed
   flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
   flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset")
-  flags.DEFINE_string("out", None, "the well table to write: FILE.parquet, or a folder that gets "
-                      "its part wells-00000-of-00001.parquet (eval.recall --embeddings reads both)")
+  flags.DEFINE_string("out", None, "the well table to write: a folder that gets one part per "
+                      "process (wells-0000I-of-0000N.parquet, then index.json), or FILE.parquet "
+                      "(one process); eval.recall --embeddings reads both")
   flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (docs/science.md §3.1)")
   flags.DEFINE_integer("block", None, "encoder block to embed from (default last)")
-  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch")
+  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch (per process)")
   flags.DEFINE_bool("adabn", False, "re-estimate BatchNorm statistics per experiment (WSL "
                     "checkpoints; docs/science.md §1.10)")
   flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells "
                       "(Metadata_pert_type negcon)")
+  distributed.define_flags()
 
 
 def run(f) -> dict:
+  """Embeds this process's share of the wells into its part of --out (eval/parts.py).
+
+  Under jax.distributed (launch/README.md) every process embeds the wells of its share on its
+  own devices and writes its part; process 0 writes DIR/index.json once all parts are complete.
+  A rerun skips complete parts embedded with the same settings.
+  """
   import os
-  from eval import profiles
+  from etils import epath
+  from eval import parts, profiles
+  from mae_jax.util import distributed
   for name in ("ckpt", "manifest", "out"):
     if not f[name].value:
       raise EvalError(f"--{name} is required")
   if not os.path.isfile(f.manifest):
     raise EvalError(f"--manifest={f.manifest}: file not found")
+  distributed.initialize(f)
   start = time.perf_counter()
-  emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
-                          batch_size=f.batch_size, adabn=f.adabn)
-  table = profiles.wells_frame(emb, meta, f.control)
-  out = f.out
-  if not str(out).lower().endswith((".parquet", ".pq")):  # a folder of parts (one process: one)
-    out = os.path.join(out, "wells-00000-of-00001.parquet")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  profiles.write_parquet(table, out)
-  return {"out": out, "wells": int(len(table)), "sites": int(meta["site_count"].sum()),
-          "dim": int(emb.shape[1]), "control_wells":
-          int((table["Metadata_pert_type"] == profiles.NEGCON).sum()),
-          "seconds": round(time.perf_counter() - start, 3)}
+  count, index = jax.process_count(), jax.process_index()
+  one_file = str(f.out).lower().endswith((".parquet", ".pq"))
+  if one_file and count > 1:
+    raise EvalError(f"--out={f.out}: {count} processes write one part each; give a folder")
+  out = f.out if one_file else os.path.join(f.out, parts.part_name(index, count))
+  _, step_dir = checkpointing.resolve(f.ckpt)
+  settings = {"checkpoint": str(step_dir.resolve()), "manifest": os.path.abspath(f.manifest), "pooling": f.pooling, "block": f.block,
+              "adabn": f.adabn, "control": f.control}
+  done = None if one_file else parts.finished(out, settings)
+  if done is None:
+    metadata = input_pipeline.site_metadata(f.manifest)
+    share = parts.split_sites(metadata, count)[index]
+    if not len(share):
+      raise EvalError(f"{f.manifest}: {count} processes for fewer wells; use fewer processes")
+    timing = {}
+    emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
+                            batch_size=f.batch_size, adabn=f.adabn, sites=share,
+                            metadata=metadata, timing=timing)
+    table = profiles.wells_frame(emb, meta, f.control)
+    epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    profiles.write_parquet(table, out)
+    done = {"wells": int(len(table)), "sites": int(meta["site_count"].sum()),
+            "dim": int(emb.shape[1]), "control_wells":
+            int((table["Metadata_pert_type"] == profiles.NEGCON).sum()),
+            "crops": timing["crops"], "crops_per_s": round(timing["crops_per_s"], 2),
+            "seconds": round(time.perf_counter() - start, 3)}
+    if not one_file:
+      parts.write_marker(out, settings, done)
+    skipped = False
+  else:
+    skipped = True
+  result = {"out": out, **{k: done[k] for k in ("wells", "sites", "dim", "control_wells",
+                                                "crops", "crops_per_s")},
+            "skipped": skipped, "seconds": round(time.perf_counter() - start, 3)}
+  if not one_file:
+    if count > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("eval.embed: every part written")
+      result.update(process=index, processes=count)
+    if index == 0:
+      result["index"] = os.path.join(f.out, parts.INDEX)
+      result["total_wells"] = parts.write_index(f.out, count)["wells"]
+  return result
 
 
 def main(argv):
-  import json
   from absl import flags
   from mae_jax.util import cli
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  print(json.dumps(run(flags.FLAGS)))
+  cli.print_result(run(flags.FLAGS))
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ def read_table(path) -> tuple:
     raise TableError(f"{path}: file not found (or a folder without .parquet parts)")
   low = path.lower()
   try:
-    if parts:  # eval.embed --out=DIR: its parquet parts, read as one table
-      df = pd.read_parquet(path)
+    if parts:  # eval.embed --out=DIR: its parquet parts, read in order as one table
+      from eval import parts as parts_lib
+      df = pd.concat([pd.read_parquet(p) for p in parts_lib.list_parts(path)],
+                     ignore_index=True)
     elif low.endswith(".npz"):
       return _read_npz(path)
     elif low.endswith((".parquet", ".pq")):
@@ -94,7 +96,7 @@ def read_table(path) -> tuple:
       df = pd.read_csv(path, sep="\t" if ".tsv" in low else ",")
     else:
       raise TableError(f"{path}: unknown table format (expected .parquet, .csv, .tsv or .npz)")
-  except TableError:
+  except EvalError:  # already one line
     raise
   except Exception as e:  # pyarrow / pandas parse errors
     raise TableError(f"{path}: cannot read table: {str(e).splitlines()[0]}") from None

@@ -30,21 +30,12 @@ def _run(module, *args):
 
 
 def random_init_checkpoint(workdir):
-  """configs/tiny.py at random init as WORKDIR/{config.json, checkpoints/0} (no training)."""
-  from flax import nnx
+  """configs/tiny.py (32² crops) at random init as WORKDIR/{config.json, checkpoints/0}."""
   from configs import tiny
-  from mae_jax.models import registry
   from mae_jax.weights import transfer
   config = tiny.get_config()
   config.model.image_size = 32
-  with nnx.use_eager_sharding(False):
-    model = registry.build_model(config.model, seed=0)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
-  transfer.save_state(os.path.join(workdir, "checkpoints"), params)
-  return workdir
+  return transfer.save_random_init(config, workdir)
 
 
 @pytest.fixture(scope="module")

@@ -338,8 +338,10 @@ class _Tiles:
 
 def eval_tiles(manifest_path, *, tile_size: int = 256, batch_size: int = 32,
                expect_channels=None, expect_dtype=None, skip_corrupt: bool = False,
-               read_threads: int = 4, pad: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """Every site once, in order, as {"image": (B, t, t, C), "site": (B,) int64}.
+               read_threads: int = 4, pad: bool = False,
+               sites=None) -> Iterator[dict[str, np.ndarray]]:
+  """Every site (or the site indices `sites`) once, in order, as {"image": (B, t, t, C),
+  "site": (B,) int64}.
 
   Each site gives its grid of non-overlapping t×t tiles (row-major, centred when
   t doesn't divide the site; with `pad`, zero-padded to whole tiles instead:
@@ -350,7 +352,9 @@ def eval_tiles(manifest_path, *, tile_size: int = 256, batch_size: int = 32,
                                   expect_dtype=expect_dtype, skip_corrupt=skip_corrupt)
   if not pad:
     _check_fits(manifest_path, manifest, tile_size, "tile size")
-  ds = (grain.MapDataset.range(len(source)).map(_Tiles(source, tile_size, pad))
+  indices = (grain.MapDataset.range(len(source)) if sites is None else
+             grain.MapDataset.source([int(i) for i in sites]))
+  ds = (indices.map(_Tiles(source, tile_size, pad))
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=2 * read_threads)))
   return _tile_batches(ds, batch_size)

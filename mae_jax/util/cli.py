@@ -108,6 +108,22 @@ def packaged_config(args: list[str]) -> list[str]:
   return out
 
 
+def print_result(result: dict):
+  """Prints the command's result as the last stdout line.
+
+  Native libraries (gloo's "Rank 0 is connected" lines under jax.distributed) write through C
+  stdio, which is block-buffered into a file or pipe and would otherwise land after our line.
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  sys.stdout.flush()
+  try:
+    ctypes.CDLL(None).fflush(None)
+  except (OSError, AttributeError):  # no C runtime to flush (not on Linux / macOS)
+    pass
+  print(json.dumps(result), flush=True)
+
+
 def _fail(command: str, message: str):
   print(f"{command}: error: {message}", file=sys.stderr)
   sys.exit(USAGE)

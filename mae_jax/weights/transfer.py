@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from mae_jax.models import mae
+from mae_jax.models import mae, registry
 from mae_jax.train import checkpointing
 from mae_jax.util import files
 from mae_jax.weights import state_dicts
@@ -52,6 +52,27 @@ def save_state(directory, params, step: int = IMPORT_STEP):
     mngr.close()
 
 
+def _write_config(workdir, config):
+  """config.json as the train loop writes it (mae_jax/train/loop.py: write_config, mesh as set)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  files.write(workdir / checkpointing.CONFIG_FILE,
+              json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n")
+
+
+def save_random_init(config, workdir, seed: int = 0) -> str:
+  """WORKDIR/{config.json, checkpoints/0}: the config's model at random init, no training.
+
+  `eval.embed` and `eval.recall --ckpt` read it as any run's checkpoint (benchmarks and tests of
+  the embedding path). Parameters only: a model with BatchNorm keeps its initial statistics.
+  """
+  with nnx.use_eager_sharding(False):
+    model = registry.build_model(config.model, seed=seed)
+  workdir = epath.Path(workdir)
+  _write_config(workdir, config)
+  save_state(checkpointing.checkpoint_dir(workdir), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return str(workdir)
+
+
 def import_weights(src, config, workdir, *, encoder_only: bool = False) -> dict:
   """Official state dict `src` -> WORKDIR/{config.json, checkpoints/0/state}; the result JSON."""
   if config.model.get("kind", "mae") != "mae":
@@ -64,10 +85,7 @@ def import_weights(src, config, workdir, *, encoder_only: bool = False) -> dict:
   path = state_dicts.resolve_file(src)
   raw = state_dicts.read_state_dict(path)
   params, report = to_params(raw, config.model, encoder_only=encoder_only, seed=config.seed)
-  workdir.mkdir(parents=True, exist_ok=True)
-  # config.json as the train loop writes it (mae_jax/train/loop.py: write_config, mesh unresolved)
-  files.write(workdir / checkpointing.CONFIG_FILE,
-              json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n")
+  _write_config(workdir, config)
   save_state(ckpt_dir, params)
   wrapped = any(k.startswith(("encoder.", "decoder", "model.", "module.")) for k in raw)
   return dict(workdir=str(workdir), checkpoint=str(ckpt_dir / str(IMPORT_STEP)), step=IMPORT_STEP,
