@@ -140,6 +140,46 @@ def device_description():
   return f"{d[0].platform}:{d[0].device_kind} x{len(d)}"
 
 
+# Dense bfloat16 peak TFLOP/s per chip from the vendors' public spec sheets (NVIDIA's give the 2:4
+# sparse figure, twice the dense one), for the MFU of an accelerator run. Keys are
+# matched as case-insensitive substrings of jax's device_kind, the longest match winning, so
+# "TPU v5 lite" (v5e) is not read as "TPU v5" (v5p) and "NVIDIA H100 PCIe" not as "NVIDIA H100".
+DEVICE_PEAK_TFLOPS = {
+    "NVIDIA B200": 2250,
+    "NVIDIA H200": 989,
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA GH200": 989,
+    "NVIDIA H100": 989,
+    "NVIDIA H100 80GB HBM3": 989,
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,
+    "NVIDIA A100": 312,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100-SXM4-40GB": 312,
+    "NVIDIA L40S": 362,
+    "NVIDIA L4": 121,
+    "TPU v2": 45,
+    "TPU v3": 123,
+    "TPU v4": 275,
+    "TPU v4 lite": 138,  # v4i
+    "TPU v5": 459,  # v5p reports "TPU v5" or "TPU v5p"
+    "TPU v5p": 459,
+    "TPU v5 lite": 197,  # v5e
+    "TPU v6 lite": 918,  # v6e (Trillium)
+}
+
+
+def device_peak_tflops(device_kind):
+  """Dense bf16 peak TFLOP/s of one chip of `device_kind` (jax's Device.device_kind), or None
+  when it is not in DEVICE_PEAK_TFLOPS (a CPU, an unlisted chip)."""
+  kind = str(device_kind or "").lower()
+  hits = [key for key in DEVICE_PEAK_TFLOPS if key.lower() in kind]
+  # "NVIDIA L4" would also match "NVIDIA L40S": the longest key wins, and it must end where a
+  # word of the kind ends (no digit or letter right after it).
+  hits = [key for key in hits if not kind[kind.index(key.lower()) + len(key):][:1].isalnum()]
+  return float(DEVICE_PEAK_TFLOPS[max(hits, key=len)]) if hits else None
+
+
 def main(argv=None):
   """`python -m bench.common [--threads=N] [--n=2048]`: this machine's yardsticks."""
   parser = cli.ArgumentParser(description=main.__doc__)

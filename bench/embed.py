@@ -30,13 +30,14 @@ def main(argv=None):
   p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="vits16", help="a config module name in configs/")
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--threads", type=int, default=2, help="XLA:CPU / BLAS threads (0: all)")
   p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--seconds", type=float, default=20.0, help="time spent measuring")
   p.add_argument("--processes", default=None, help="comma-separated process counts of eval.embed")
   p.add_argument("--sites", type=int, default=48, help="sites of the --processes screen")
   args = p.parse_args(argv)
-  common.configure_threads(args.threads)
+  if args.threads:
+    common.configure_threads(args.threads)
   if args.processes:
     return scaling(args, [int(n) for n in args.processes.split(",")])
 
@@ -44,6 +45,7 @@ def main(argv=None):
   import numpy as np
   from flax import nnx
   from mae_jax.models import flops, mae, registry
+  from mae_jax.train import cpu_options
 
   peak = common.matmul_peak_gflops(args.precision)
   common.emit(yardstick="matmul", dtype=args.precision, peak_gflops_per_s=peak,
@@ -53,7 +55,7 @@ def main(argv=None):
   with nnx.use_eager_sharding(False):
     model = registry.build_model(config.model, dtype=mae.compute_dtype(args.precision))
   graphdef, state = nnx.split(model)
-  embed = jax.jit(lambda state, x: nnx.merge(graphdef, state).embed(x))
+  embed = cpu_options.jit_embed(lambda state, x: nnx.merge(graphdef, state).embed(x))
   m = config.model
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 255, (args.batch, m.image_size, m.image_size, m.channels), dtype=np.uint8))
@@ -99,7 +101,7 @@ def scaling(args, counts):
     ckpt = transfer.save_random_init(config, os.path.join(tmp, "run"))
     base = None
     for n in counts:
-      env = dict(os.environ, **common.thread_env(max(args.threads // n, 1)))
+      env = dict(os.environ, **(common.thread_env(max(args.threads // n, 1)) if args.threads else {}))
       port = portpicker.pick_unused_port()
       command = [sys.executable, "-m", "eval.embed", f"--ckpt={ckpt}", f"--manifest={manifest}",
                  f"--out={os.path.join(tmp, f'wells_{n}')}", f"--batch_size={args.batch}"]
@@ -119,8 +121,8 @@ def scaling(args, counts):
       if n == 1:
         base = sum(rates)
       common.emit(model=args.config, precision=args.precision, batch=args.batch, processes=n,
-                  threads_per_process=max(args.threads // n, 1), sites=args.sites,
-                  crops=sum(r["crops"] for r in results), crops_per_s_per_process=rates,
+                  threads_per_process=max(args.threads // n, 1) if args.threads else None,
+                  sites=args.sites, crops=sum(r["crops"] for r in results), crops_per_s_per_process=rates,
                   crops_per_s=sum(rates), wall_s=wall,
                   scaling=sum(rates) / base if base else None)
 

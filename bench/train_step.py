@@ -6,7 +6,11 @@
 One JSON line per run: model, precision, batch, images_per_s, gflops_per_s (the FLOP model of
 mae_jax/models/flops.py: fwd + bwd, 2 FLOPs per MAC), peak_gflops_per_s (a jitted 2048^2 matmul of the
 same dtype measured in this process right before and after the run, bench/common.py),
-fraction_of_peak, step_s (best of --steps), compile_s, scan_layers (blocks scanned or not).
+fraction_of_peak, step_s (best of --steps), compile_s, scan_layers (blocks scanned or not),
+device_kind, device_peak_tflops (the chip's dense bf16 spec peak, bench/common.py:
+DEVICE_PEAK_TFLOPS; None on a CPU or an unlisted chip) and mfu = gflops_per_s / 1000 /
+device_peak_tflops (None then). On an accelerator the 2048^2 matmul yardstick is bound by
+dispatch, not by the chip, so there mfu is the figure to read.
 The step is the real one (masking, encoder, decoder, Fourier loss, backward, clipping, Lion or
 AdamW update) on a 1-device mesh with a fixed uint8 batch already on the device.
 """
@@ -29,11 +33,11 @@ def parse_runs(text):
   return runs
 
 
-def measure(name, precision, batch, steps, scan_layers=None):
-  """(best seconds per step, compile seconds, config) of the jitted train step.
+def build(name, precision, batch, scan_layers=None):
+  """(compiled train step, (state, batch, rng), config, compile seconds) of configs/`name`.
 
-  Best of `steps` timed steps, like the best-of-5 matmul yardstick: on a shared machine the
-  minimum is the least disturbed sample of both.
+  The real step (bench/profile_step.py profiles the same one) on a 1-device mesh, with a fixed
+  random uint8 batch already on the device.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -57,14 +61,25 @@ def measure(name, precision, batch, steps, scan_layers=None):
     step = step_lib.jit_train_step(graphdef, tx, config, mesh, shardings).lower(
         state, data, rng).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = step(state, data, rng)  # warm-up
-    jax.block_until_ready(metrics)
-    best = float("inf")
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = step(state, data, rng)
-      jax.block_until_ready((state, metrics))
-      best = min(best, time.perf_counter() - start)
+  return step, (state, data, rng), config, compile_s
+
+
+def measure(name, precision, batch, steps, scan_layers=None):
+  """(best seconds per step, compile seconds, config) of the jitted train step.
+
+  Best of `steps` timed steps, like the best-of-5 matmul yardstick: on a shared machine the
+  minimum is the least disturbed sample of both.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  step, (state, data, rng), config, compile_s = build(name, precision, batch, scan_layers)
+  state, metrics = step(state, data, rng)  # warm-up
+  jax.block_until_ready(metrics)
+  best = float("inf")
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, data, rng)
+    jax.block_until_ready((state, metrics))
+    best = min(best, time.perf_counter() - start)
   return best, compile_s, config
 
 
@@ -88,7 +103,10 @@ def main(argv=None):
     parser.error("--steps must be >= 1 and --threads >= 0")
   if args.threads:
     common.configure_threads(args.threads)
+  import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
+  kind = jax.devices()[0].device_kind
+  spec_tflops = common.device_peak_tflops(kind)
   for name, precision, batch in runs:
     before = common.matmul_peak_gflops(precision)  # the yardstick right before and after
     scan = None if args.scan_layers == "config" else args.scan_layers == "true"
@@ -100,7 +118,9 @@ def main(argv=None):
                 fraction_of_peak=round(gflops / peak, 3), step_s=round(step_s, 3),
                 compile_s=round(compile_s, 1), threads=args.threads,
                 scan_layers=bool(config.model.get("scan_layers", False)),
-                device=common.device_description())
+                device=common.device_description(), device_kind=kind,
+                device_peak_tflops=spec_tflops,
+                mfu=round(gflops / 1000 / spec_tflops, 4) if spec_tflops else None)
 
 
 if __name__ == "__main__":

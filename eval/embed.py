@@ -20,7 +20,7 @@ import pandas as pd
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax.train import checkpointing, sharding
+from mae_jax.train import checkpointing, cpu_options, sharding
 from mae_jax.util import progress as progress_lib
 
 from mae_jax.data import input_pipeline
@@ -62,7 +62,7 @@ def embed_manifest(model, manifest, *, mesh=None, pooling="mean", block=None, ba
   params, stats = jax.device_put((params, stats), replicated)
   images_sharding = NamedSharding(mesh, P(sharding.MESH_AXES[0]))
 
-  @jax.jit
+  @cpu_options.jit_embed
   def embed(params, stats, images):
     return nnx.merge(graphdef, params, stats).embed(images, pooling=pooling, block=block)
 
@@ -195,7 +195,7 @@ def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, pr
 
 def _define_flags():
   from absl import flags
-  from mae_jax.util import distributed
+  from mae_jax.train import distributed
   flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
   flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset")
   flags.DEFINE_string("out", None, "the well table to write: a folder that gets one part per "
@@ -221,7 +221,7 @@ def run(f) -> dict:
   import os
   from etils import epath
   from eval import parts, profiles
-  from mae_jax.util import distributed
+  from mae_jax.train import distributed
   for name in ("ckpt", "manifest", "out"):
     if not f[name].value:
       raise EvalError(f"--{name} is required")
@@ -235,17 +235,18 @@ def run(f) -> dict:
     raise EvalError(f"--out={f.out}: {count} processes write one part each; give a folder")
   out = f.out if one_file else os.path.join(f.out, parts.part_name(index, count))
   _, step_dir = checkpointing.resolve(f.ckpt)
-  settings = {"checkpoint": str(step_dir.resolve()), "manifest": os.path.abspath(f.manifest), "pooling": f.pooling, "block": f.block,
-              "adabn": f.adabn, "control": f.control}
+  settings = {"checkpoint": str(step_dir.resolve()), "manifest": os.path.abspath(f.manifest),
+              "pooling": f.pooling, "block": f.block, "adabn": f.adabn, "control": f.control}
   done = None if one_file else parts.finished(out, settings)
-  if done is None:
+  skipped = done is not None
+  if not skipped:
     metadata = input_pipeline.site_metadata(f.manifest)
-    share = parts.split_sites(metadata, count)[index]
-    if not len(share):
+    shares = parts.split_sites(metadata, count)
+    if min(map(len, shares)) == 0:  # every process sees it: none waits for a missing peer
       raise EvalError(f"{f.manifest}: {count} processes for fewer wells; use fewer processes")
     timing = {}
     emb, meta = embed_wells(f.ckpt, f.manifest, pooling=f.pooling, block=f.block,
-                            batch_size=f.batch_size, adabn=f.adabn, sites=share,
+                            batch_size=f.batch_size, adabn=f.adabn, sites=shares[index],
                             metadata=metadata, timing=timing)
     table = profiles.wells_frame(emb, meta, f.control)
     epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -257,9 +258,6 @@ def run(f) -> dict:
             "seconds": round(time.perf_counter() - start, 3)}
     if not one_file:
       parts.write_marker(out, settings, done)
-    skipped = False
-  else:
-    skipped = True
   result = {"out": out, **{k: done[k] for k in ("wells", "sites", "dim", "control_wells",
                                                 "crops", "crops_per_s")},
             "skipped": skipped, "seconds": round(time.perf_counter() - start, 3)}

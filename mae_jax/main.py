@@ -16,7 +16,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from mae_jax.util import cli, distributed
+from mae_jax.train import distributed
+from mae_jax.util import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)

@@ -35,6 +35,8 @@ COMMANDS = [
     ("bench.common", [], "--threads"),
     ("bench.train_step", [], "--runs"),
     ("bench.embed", [], "--precision"),
+    ("bench.peers", [], "--jax_python"),
+    ("bench.profile_step", [], "--scan_layers"),
     ("bench.input_pipeline", [], "--read_threads"),
     ("bench.recall", [], "--perturbations"),
     ("bench.compile_time", [], "--devices"),

@@ -72,9 +72,10 @@ def test_loss_zero_for_perfect_reconstruction_and_blind_to_visible_tokens():
   assert float(base) > 0.5
 
 
-def test_fourier_term_matches_numpy_reference():
+@pytest.mark.parametrize("p", [8, 5, 1])  # even and odd patches: the half spectrum's weights
+def test_fourier_term_matches_numpy_reference(p):
   rng = np.random.RandomState(1)
-  p, c = 8, 6
+  c = 6
   pred, target = rng.normal(size=(2, 2, 5, p * p * c)).astype(np.float32)
   mask = np.array([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], np.float32)
   _, mse, fourier = mae.reconstruction_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask), p, 0.01)
@@ -215,3 +216,39 @@ def test_unpatchify_inverts_patchify():
   np.testing.assert_array_equal(vit.unpatchify(np.asarray(tokens), 4, 8, 12), x)
   # Token k is the patch at (row, col) = divmod(k, W/p), its values (row, col, channel) inside.
   np.testing.assert_array_equal(np.asarray(tokens)[1, 4], x[1, 4:8, 4:8].ravel())
+
+
+def _fft2_loss(pred, target, mask, p, a):
+  """The loss as first written: both full fft2 spectra (the reference of the rfft2 path)."""
+  b, l, f = pred.shape
+  spectrum = lambda t: jnp.abs(jnp.fft.fft2(t.reshape(b, l, p, p, f // p ** 2), axes=(2, 3)))
+  fourier = jnp.abs(spectrum(pred) - spectrum(target)).reshape(b, l, f).mean(-1)
+  mse = jnp.square(pred - target).mean(-1)
+  denom = jnp.maximum(mask.sum(), 1.0)
+  return (1 - a) * (mse * mask).sum() / denom + a * (fourier * mask).sum() / denom
+
+
+def test_rfft_loss_and_gradient_equal_the_full_fft():
+  rng = np.random.RandomState(2)
+  for p in (16, 8, 3):
+    pred, target = (jnp.asarray(rng.normal(size=(2, 7, p * p * 6)), jnp.float32) for _ in "ab")
+    mask = jnp.asarray(rng.randint(0, 2, (2, 7)), jnp.float32)
+    new = jax.value_and_grad(lambda x: mae.reconstruction_loss(x, target, mask, p, 0.5)[0])(pred)
+    ref = jax.value_and_grad(lambda x: _fft2_loss(x, target, mask, p, 0.5))(pred)
+    np.testing.assert_allclose(new[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(new[1], ref[1], rtol=1e-5, atol=1e-7)
+
+
+def test_embedding_compiled_without_ynnpack_fusions_is_the_same():
+  from mae_jax.train import cpu_options  # pylint: disable=g-import-not-at-top
+  cfg = tiny.get_config().model
+  with nnx.use_eager_sharding(False):
+    model = mae.build_model(cfg, seed=3)
+  graphdef, state = nnx.split(model)
+  fn = lambda s, x: nnx.merge(graphdef, s).embed(x)
+  images = jnp.asarray(np.random.RandomState(0).randint(0, 255, (4, cfg.image_size, cfg.image_size,
+                                                                 cfg.channels)), jnp.uint8)
+  optimised = cpu_options.jit_embed(fn)
+  assert "ynn_fusion" not in optimised.lower(state, images).compile().as_text()
+  np.testing.assert_allclose(optimised(state, images), jax.jit(fn)(state, images), rtol=1e-5,
+                             atol=1e-6)

@@ -57,13 +57,13 @@ def embed(paths, path, stride=1, model_cfg=None, ckpt=None, seed=0):
   if stride == 1:
     tasks.embed_model(paths, path, model_cfg=model_cfg, ckpt=ckpt, seed=seed)
     return
-  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax.train import cpu_options  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mae_jax.data import input_pipeline, records  # pylint: disable=g-import-not-at-top
   _, model = tasks.mesh_and_model(model_cfg, ckpt, seed)
   graphdef, params, state = nnx.split(model, nnx.Param, ...)
-  fn = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s).embed(x))
+  fn = cpu_options.jit_embed(lambda p, s, x: nnx.merge(graphdef, p, s).embed(x))
   size, batch_size = int(model.cfg.image_size), 64
   cols = records.read_manifest(paths["manifest"])["image_shape"][1] // size
   meta = input_pipeline.site_metadata(paths["manifest"])

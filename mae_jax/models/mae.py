@@ -11,6 +11,8 @@ channel-major tokens, any channel count <= max_channels, every (channel, patch) 
 decoded on its own; its decoder is `model.decoder`: "shared" (one stack with channel tokens) or
 "official_ca" (maes CAMAEDecoder, mae_jax/models/ca_decoder.py; docs/science.md §1.5).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +41,7 @@ def standardize(images):
   return (x - mean) * jax.lax.rsqrt(var + IN_EPS)
 
 
+@functools.partial(jax.named_call, name="masking")
 def random_masking(key, batch, length, mask_ratio):
   """Per-sample random masking by argsort of uniform noise (facebookresearch/mae).
 
@@ -52,6 +55,7 @@ def random_masking(key, batch, length, mask_ratio):
   return ids_shuffle[:, :keep], ids_restore, mask
 
 
+@functools.partial(jax.named_call, name="reconstruction_loss")
 def reconstruction_loss(pred, target, mask, patch, fourier_weight):
   """(1 - a) MSE + a |FFT2| L1 per token, each a mean over the removed tokens.
 
@@ -60,9 +64,16 @@ def reconstruction_loss(pred, target, mask, patch, fourier_weight):
   """
   mse = jnp.square(pred - target).mean(-1)
   b, l, f = pred.shape
-  spectrum = lambda t: jnp.abs(jnp.fft.fft2(t.reshape(b, l, patch, patch, f // patch ** 2),
-                                            axes=(2, 3)))
-  fourier = jnp.abs(spectrum(pred) - spectrum(target)).reshape(b, l, f).mean(-1)
+  # The patches are real, so |FFT2| is mirror-symmetric, |X[u, v]| = |X[-u, -v]|: the half
+  # spectrum of rfft2 holds every value, columns 1 .. p/2 - 1 standing for two (half the FFT
+  # work; equal to the full fft2 mean up to float rounding, tests/test_mae.py).
+  spectrum = lambda t: jnp.abs(jnp.fft.rfft2(t.reshape(b, l, patch, patch, f // patch ** 2),
+                                             axes=(2, 3)))
+  twice = np.full(patch // 2 + 1, 2.0, np.float32)
+  twice[0] = 1.0
+  if patch % 2 == 0:
+    twice[-1] = 1.0  # column p/2 is its own mirror
+  fourier = (jnp.abs(spectrum(pred) - spectrum(target)) * twice[:, None]).sum((2, 3, 4)) / f
   denom = jnp.maximum(mask.sum(), 1.0)
   mse, fourier = (mse * mask).sum() / denom, (fourier * mask).sum() / denom
   return (1 - fourier_weight) * mse + fourier_weight * fourier, mse, fourier
@@ -151,7 +162,8 @@ class MAE(nnx.Module):
     mask_token = (self.decoder if self.official_ca else self).mask_token
     fill = jnp.broadcast_to(mask_token[...].astype(dt), (b, l + 1 - x.shape[1], x.shape[2]))
     y = jnp.concatenate([x[:, 1:], fill], axis=1)
-    y = jnp.take_along_axis(y, ids_restore[..., None], axis=1)  # unshuffle to patch order
+    with jax.named_scope("masking"):
+      y = jnp.take_along_axis(y, ids_restore[..., None], axis=1)  # unshuffle to patch order
     if self.official_ca:  # positions and modality tokens are added inside; no final LayerNorm
       y = self.decoder(jnp.concatenate([x[:, :1], y], axis=1).astype(jnp.float32), channels)
       pred = y.astype(dt) @ self.decoder_pred[...].astype(dt) + self.decoder_pred_bias[...].astype(dt)
@@ -222,7 +234,8 @@ class MAE(nnx.Module):
     tokens, target, c = self._tokens(x)
     ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
     ids_keep, ids_restore, mask = random_masking(mask_key, tokens.shape[0], tokens.shape[1], ratio)
-    tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
+    with jax.named_scope("masking"):
+      tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
     latent = self.norm(self._encode(tokens, drop_key=drop_key))
     pred = self._decode(latent, ids_restore, c)
     p = self.cfg.patch_size

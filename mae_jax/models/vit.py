@@ -52,11 +52,17 @@ class LayerNorm(nnx.Module):
     self.scale = param(rngs, ones, (dim,), names)
     self.bias = param(rngs, zeros, (dim,), names)
 
+  @functools.partial(jax.named_call, name="layernorm")
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     return (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale + self.bias
+
+
+@functools.partial(jax.named_call, name="gelu")
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # the exact erf form, as timm's nn.GELU
 
 
 def drop_path(x, rate, key):
@@ -71,6 +77,7 @@ def drop_path(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+@functools.partial(jax.named_call, name="attention")  # named ops: bench/profile_step.py
 def attention(q, k, v):
   """softmax(q k^T / sqrt(d)) v over (B, N, H, hd) heads, stats in float32."""
   if jax.default_backend() == "gpu":  # cuDNN flash attention where it applies
@@ -122,7 +129,7 @@ class ParallelScalingBlock(nnx.Module):
     k = self.k_norm(heads(z[..., h + d:h + 2 * d])).astype(dt)
     a = attention(q, k, heads(z[..., h + 2 * d:])).reshape(b, n, d)
     a = a @ self.attn_out[...].astype(dt) + self.attn_out_bias[...].astype(dt)
-    m = jax.nn.gelu(m, approximate=False) @ self.mlp_out[...].astype(dt) + self.mlp_out_bias[...].astype(dt)
+    m = gelu(m) @ self.mlp_out[...].astype(dt) + self.mlp_out_bias[...].astype(dt)
     branch = (a + m).astype(jnp.float32) * self.gamma
     return x + drop_path(branch, drop_rate, key)
 
@@ -152,7 +159,7 @@ class Block(nnx.Module):
     a = attention(q, k, v).reshape(b, n, d) @ self.proj[...].astype(dt) + self.proj_bias[...].astype(dt)
     x = x + a.astype(jnp.float32)
     y = self.norm2(x).astype(dt)
-    h = jax.nn.gelu(y @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt), approximate=False)
+    h = gelu(y @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt))
     h = constrain(h, ("batch", "length", "mlp"))
     return x + (h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)).astype(jnp.float32)
 

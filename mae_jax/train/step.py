@@ -144,9 +144,10 @@ def make_train_step(graphdef, tx, config, batch_axes=("data", "fsdp")):
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g, l, a))
       (total, stats), _ = jax.lax.scan(accumulate, (zeros, stats), (chunks, jnp.arange(micro)))
       grads, loss, aux = jax.tree.map(lambda t: t / micro, total)
-    updates, opt_state = tx.update(grads, state["opt"], params)
+    with jax.named_scope("optimizer"):  # op names that bench/profile_step.py classifies by
+      updates, opt_state = tx.update(grads, state["opt"], params)
+      new = dict(model=optax.apply_updates(params, updates), opt=opt_state, step=step + 1)
     metrics = dict(loss=loss, **aux, grad_norm=optax.tree.norm(grads), lr=lr_fn(step))
-    new = dict(model=optax.apply_updates(params, updates), opt=opt_state, step=step + 1)
     if "stats" in state:
       new["stats"] = stats
     return new, metrics
