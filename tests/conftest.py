@@ -36,3 +36,14 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+  """Under `-n N`, each test module runs on one worker (xdist's loadscope), so a module fixture
+  that runs a whole command (tests/test_experiments.py, tests/test_demo.py) runs once, not once
+  per worker."""
+  if any(str(a).startswith("--dist") for a in config.invocation_params.args):
+    return  # the user chose a distribution mode
+  if getattr(config.option, "dist", "no") == "load":  # the controller (-n N sets "load")
+    config.option.dist = "loadscope"

@@ -114,13 +114,13 @@ def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path):
   tmp, _ = tiny_run
   out = tmp_path / "out"
   shutil.copytree(tmp / "out", out)
-  proc = demo(f"--out={out}", "--budget_minutes=0.5", *[a for a in TINY if "--steps" not in a])
+  proc = demo(f"--out={out}", "--budget_minutes=0.1", *[a for a in TINY if "--steps" not in a])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  (run,) = [p for p in (out / "runs").iterdir() if p.name.startswith("budget_0.5min")]
+  (run,) = [p for p in (out / "runs").iterdir() if p.name.startswith("budget_0.1min")]
   plan = json.loads((run / "plan.json").read_text())
   assert plan["source"] == "probe" and plan["step_time_s"] > 0 and plan["total_steps"] >= 2
   data = json.loads((out / "report.json").read_text())
-  assert data["budget_minutes"] == 0.5 and data["total_steps"] == plan["total_steps"]
+  assert data["budget_minutes"] == 0.1 and data["total_steps"] == plan["total_steps"]
   names = sorted(r["run"].split("_")[0] for r in report.all_runs(str(out)))
   assert names == ["budget", "steps"]
   # Its timing adds up its own stages and the shared ones, not the earlier run's.
