@@ -195,17 +195,14 @@ def embed_wells(ckpt, manifest, *, pooling="mean", block=None, batch_size=32, pr
 
 def _define_flags():
   from absl import flags
+  import eval as eval_lib
   from mae_jax.train import distributed
   flags.DEFINE_string("ckpt", None, "checkpoint dir (workdir or a step dir) to embed with")
   flags.DEFINE_string("manifest", None, "manifest.json of the prepared dataset")
   flags.DEFINE_string("out", None, "the well table to write: a folder that gets one part per "
                       "process (wells-0000I-of-0000N.parquet, then index.json), or FILE.parquet "
                       "(one process); eval.recall --embeddings reads both")
-  flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (docs/science.md §3.1)")
-  flags.DEFINE_integer("block", None, "encoder block to embed from (default last)")
-  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch (per process)")
-  flags.DEFINE_bool("adabn", False, "re-estimate BatchNorm statistics per experiment (WSL "
-                    "checkpoints; docs/science.md §1.10)")
+  eval_lib.define_embedding_flags()
   flags.DEFINE_string("control", "EMPTY_control", "perturbation label of control wells "
                       "(Metadata_pert_type negcon)")
   distributed.define_flags()
@@ -269,6 +266,8 @@ def run(f) -> dict:
     if index == 0:
       result["index"] = os.path.join(f.out, parts.INDEX)
       result["total_wells"] = parts.write_index(f.out, count)["wells"]
+    if count > 1:  # done with the peers: gloo's connection threads print nothing after our line
+      jax.distributed.shutdown()
   return result
 
 

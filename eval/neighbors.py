@@ -221,7 +221,7 @@ def main(argv):
   from absl import flags
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  print(json.dumps(run(flags.FLAGS)))
+  cli.print_result(run(flags.FLAGS))
 
 
 if __name__ == "__main__":

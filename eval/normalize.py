@@ -31,31 +31,32 @@ def _groups(n, batches):
   return [np.flatnonzero(batches == b) for b in np.unique(batches)]
 
 
-def _fit_rows(rows, is_control, what, fallback):
-  fit = rows[is_control[rows]]
-  if len(fit) >= 2:
-    return fit
-  fallback.append(what)
-  return rows
+def _per_batch(name, x, is_control, batches, fit_apply):
+  """`fit_apply(fit_rows, rows)` on each batch, fitted on its controls (on all its wells when it
+  has fewer than 2, with a warning): (float32 result, {"batches", "fitted_on_all_wells"})."""
+  x = np.asarray(x, np.float64)
+  is_control = np.asarray(is_control, bool)
+  out = np.empty_like(x)
+  groups, fallback = _groups(len(x), batches), 0
+  for rows in groups:
+    fit = rows[is_control[rows]]
+    if len(fit) < 2:
+      fit, fallback = rows, fallback + 1
+    out[rows] = fit_apply(x[fit], x[rows])
+  if fallback:
+    warn(f"{name}: {fallback} batch(es) with fewer than 2 controls fitted on all their wells")
+  return out.astype(np.float32), {"batches": len(groups), "fitted_on_all_wells": fallback}
 
 
 def mad_robustize(x, is_control, batches=None, epsilon=MAD_EPSILON):
   """Per batch: (x - median(controls)) / (1.4826 MAD(controls) + epsilon), float64 inside."""
-  x = np.asarray(x, np.float64)
-  is_control = np.asarray(is_control, bool)
-  out = np.empty_like(x)
-  fallback = []
-  groups = _groups(len(x), batches)
-  for k, rows in enumerate(groups):
-    fit = x[_fit_rows(rows, is_control, str(k), fallback)]
+  def fit_apply(fit, rows):
     median = np.nanmedian(fit, axis=0)
     mad = MAD_SCALE * np.nanmedian(np.abs(fit - median), axis=0)
-    out[rows] = (x[rows] - median) / (mad + epsilon)
-  if fallback:
-    warn(f"mad_robustize: {len(fallback)} batch(es) with fewer than 2 controls fitted on all "
-         "their wells")
-  return out.astype(np.float32), {"method": "mad_robustize", "batches": len(groups),
-                                  "fitted_on_all_wells": len(fallback)}
+    return (rows - median) / (mad + epsilon)
+
+  out, info = _per_batch("mad_robustize", x, is_control, batches, fit_apply)
+  return out, {"method": "mad_robustize", **info}
 
 
 def spherize_transform(fit, epsilon=SPHERIZE_EPSILON, method="ZCA-cor"):
@@ -91,20 +92,12 @@ def spherize_transform(fit, epsilon=SPHERIZE_EPSILON, method="ZCA-cor"):
 
 def spherize(x, is_control, batches=None, epsilon=SPHERIZE_EPSILON, method="ZCA-cor"):
   """ZCA whitening fitted on each batch's controls (or on all controls when batches is None)."""
-  x = np.asarray(x, np.float64)
-  is_control = np.asarray(is_control, bool)
-  out = np.empty_like(x)
-  fallback = []
-  groups = _groups(len(x), batches)
-  for k, rows in enumerate(groups):
-    mean, w = spherize_transform(x[_fit_rows(rows, is_control, str(k), fallback)], epsilon,
-                                 method)
-    out[rows] = (x[rows] - mean) @ w
-  if fallback:
-    warn(f"spherize: {len(fallback)} batch(es) with fewer than 2 controls fitted on all "
-         "their wells")
-  return out.astype(np.float32), {"method": "spherize", "epsilon": epsilon, "zca": method,
-                                  "batches": len(groups), "fitted_on_all_wells": len(fallback)}
+  def fit_apply(fit, rows):
+    mean, w = spherize_transform(fit, epsilon, method)
+    return (rows - mean) @ w
+
+  out, info = _per_batch("spherize", x, is_control, batches, fit_apply)
+  return out, {"method": "spherize", "epsilon": epsilon, "zca": method, **info}
 
 
 def feature_select(x, operations, names=None, rows=None, *, min_variance=MIN_VARIANCE,

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from eval import EvalError
+from eval import EvalError, define_embedding_flags
 from eval import aggregate as agg
 from eval import benchmarks
 from eval import correct
@@ -335,11 +335,7 @@ def _define_flags():
                     "--expression centres on the mean of all map genes per arm")
   flags.DEFINE_string("expression", None, "CSV with gene,zFPKM (or 'u2os') for arm centring "
                       "on unexpressed genes and the consistency null")
-  flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "token pooling (with --ckpt)")
-  flags.DEFINE_integer("block", None, "encoder block to embed from (with --ckpt; default last)")
-  flags.DEFINE_integer("batch_size", 32, "crops per embedding batch (with --ckpt)")
-  flags.DEFINE_bool("adabn", False, "with --ckpt of a BatchNorm model (WSL): re-estimate its "
-                    "BatchNorm statistics on each experiment's crops (AdaBN; docs/science.md §1.10)")
+  define_embedding_flags(" (with --ckpt)")
   flags.DEFINE_list("sources", list(resources.SOURCES), "relationship sources to score")
   flags.DEFINE_string("annotations_dir", None, "folder with {source}.txt annotation files")
   flags.DEFINE_enum("aggregation", "mean", ["mean", "median"], "wells -> perturbation")
@@ -417,7 +413,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep stderr for warnings and the error line
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  print(json.dumps(run(flags.FLAGS)))
+  cli.print_result(run(flags.FLAGS))
 
 
 if __name__ == "__main__":
