@@ -11,8 +11,9 @@ With --processes, the real command instead: `python -m eval.embed` of the config
 init on a screen of random 2x2-tile sites, run as 1, 2, ... processes on localhost
 (jax.distributed, --threads shared out among them), one line per count: {"processes",
 "crops_per_s_per_process", "crops_per_s" (their sum, after each process's first batch),
-"wall_s" (launch to last exit: start-up, restore and compile included), "scaling" (crops_per_s
-over the 1-process figure)}.
+"wall_s" (launch to last exit: start-up, restore and compile included), "fraction_of_peak" (of
+this process's matmul yardstick on all --threads), "scaling" (crops_per_s over the 1-process
+figure)}.
 """
 import importlib
 import json
@@ -79,6 +80,7 @@ def scaling(args, counts):
   import numpy as np
   import portpicker
   from mae_jax.data import records
+  from mae_jax.models import flops
   from mae_jax.weights import transfer
   config = importlib.import_module(f"configs.{args.config}").get_config()
   config.precision = args.precision
@@ -99,6 +101,8 @@ def scaling(args, counts):
         "channels": [f"w{c + 1}" for c in range(channels)], "num_wells": args.sites // 2,
         "channel_stats": {"mean": [127.0] * channels, "std": [73.0] * channels}})
     ckpt = transfer.save_random_init(config, os.path.join(tmp, "run"))
+    gflop = flops.flops_per_image(config.model)["embed"] / 1e9
+    peak = common.matmul_peak_gflops(args.precision)  # all --threads of this machine
     base = None
     for n in counts:
       env = dict(os.environ, **(common.thread_env(max(args.threads // n, 1)) if args.threads else {}))
@@ -123,7 +127,8 @@ def scaling(args, counts):
       common.emit(model=args.config, precision=args.precision, batch=args.batch, processes=n,
                   threads_per_process=max(args.threads // n, 1) if args.threads else None,
                   sites=args.sites, crops=sum(r["crops"] for r in results), crops_per_s_per_process=rates,
-                  crops_per_s=sum(rates), wall_s=wall,
+                  crops_per_s=sum(rates), wall_s=wall, peak_gflops_per_s=peak,
+                  fraction_of_peak=sum(rates) * gflop / peak,
                   scaling=sum(rates) / base if base else None)
 
 
