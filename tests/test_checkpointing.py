@@ -20,7 +20,7 @@ def _mesh(shape):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, devices, fast_compiles):
+def saved(tmp_path_factory, devices):
   """A tiny run's WORKDIR: config.json + checkpoints 4, 6 of an initial state (keep=2)."""
   workdir = tmp_path_factory.mktemp("run")
   config = tiny.get_config()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mae_jax.demo import baselines, report
+from test_train import main_env
 
 TINY = ["--genes=40", "--guides=2", "--experiments=2", "--plates=2", "--controls_per_plate=10",
         "--image_size=64", "--seed=3", "--steps=6", "--eval_points=2", "--workers=1",
@@ -19,17 +20,24 @@ TINY = ["--genes=40", "--guides=2", "--experiments=2", "--plates=2", "--controls
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo(*args):
+def demo(*args, env=None):
+  """The demo as a user on one CPU device runs it; `env` adds the tests' compile cache and
+  fewer XLA passes (tests/test_train.py: main_env)."""
   return subprocess.run([sys.executable, "-m", "mae_jax.demo", *args], capture_output=True,
-                        text=True, cwd=ROOT, timeout=600)
+                        text=True, cwd=ROOT, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def fast_env(cache_dir):
+  return main_env(cache_dir, devices=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fast_env):
   tmp = tmp_path_factory.mktemp("demo")
   readme = tmp / "README.md"
   readme.write_text("# project\n\nintro\n")
-  proc = demo(f"--out={tmp / 'out'}", f"--readme={readme}", *TINY)
+  proc = demo(f"--out={tmp / 'out'}", f"--readme={readme}", *TINY, env=fast_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return tmp, proc
 
@@ -84,10 +92,10 @@ def test_readme_block_and_figures(tiny_run):
     assert (tmp / "bench" / "results" / "demo" / name).exists()
 
 
-def test_rerun_reuses_every_stage(tiny_run):
+def test_rerun_reuses_every_stage(tiny_run, fast_env):
   tmp, _ = tiny_run
   before = json.loads((tmp / "out" / "report.json").read_text())
-  proc = demo(f"--out={tmp / 'out'}", *TINY)
+  proc = demo(f"--out={tmp / 'out'}", *TINY, env=fast_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "running" not in "".join(l for l in proc.stderr.splitlines(True)
                                   if l.startswith("demo:") and "score" not in l)
@@ -108,13 +116,14 @@ def test_the_maps_eval_dir_opens_in_eval_explore(tiny_run, tmp_path):
   assert page.stat().st_size > 100_000
 
 
-def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path):
+def test_budget_is_planned_by_a_timed_probe(tiny_run, tmp_path, fast_env):
   """The default path: a probe times real steps and the budget sets total_steps; the new run
   joins the earlier one in the scaling figure and README runs table."""
   tmp, _ = tiny_run
   out = tmp_path / "out"
   shutil.copytree(tmp / "out", out)
-  proc = demo(f"--out={out}", "--budget_minutes=0.1", *[a for a in TINY if "--steps" not in a])
+  proc = demo(f"--out={out}", "--budget_minutes=0.1", *[a for a in TINY if "--steps" not in a],
+              env=fast_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (run,) = [p for p in (out / "runs").iterdir() if p.name.startswith("budget_0.1min")]
   plan = json.loads((run / "plan.json").read_text())

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from mae_jax.data import records
+from test_train import main_env
 
 GENES = [f"GENE{i:02d}" for i in range(24)]
 CHANNELS = [f"w{i}" for i in range(1, 7)]
@@ -43,25 +44,25 @@ def write_annotations(root):
   return root
 
 
-def run(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, "-m"] + args, capture_output=True, text=True, env=env,
-                        timeout=600, **kw)
+def run(args, cache_dir, **kw):
+  proc = subprocess.run([sys.executable, "-m"] + args, capture_output=True, text=True,
+                        env=main_env(cache_dir, devices=2), timeout=600, **kw)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def test_train_then_recall_from_checkpoint(tmp_path):
+def test_train_then_recall_from_checkpoint(tmp_path, cache_dir):
   manifest = write_screen(tmp_path, np.random.default_rng(0))
   workdir = tmp_path / "run"
   out = run(["mae_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
              f"--config.data.manifest={manifest}", "--config.total_steps=6",
-             "--config.checkpoint_every=3", "--config.batch_size=8"])
+             "--config.checkpoint_every=3", "--config.batch_size=8"], cache_dir)
   assert json.loads(out.stdout.strip().splitlines()[-1])["status"] == "done"
 
   result_dir = tmp_path / "eval"
   out = run(["eval.recall", f"--ckpt={workdir}", f"--manifest={manifest}", f"--out={result_dir}",
-             f"--annotations_dir={write_annotations(tmp_path / 'ann')}", "--arm_correction=false"])
+             f"--annotations_dir={write_annotations(tmp_path / 'ann')}", "--arm_correction=false"],
+            cache_dir)
   last = json.loads(out.stdout.strip().splitlines()[-1])
   saved = json.loads((result_dir / "recall.json").read_text())
   assert last == saved
@@ -76,7 +77,7 @@ def test_train_then_recall_from_checkpoint(tmp_path):
   # a step folder works too, and a path that is not a checkpoint is one clear line
   step_dir = workdir / "checkpoints" / "3"
   run(["eval.recall", f"--ckpt={step_dir}", f"--manifest={manifest}", f"--out={tmp_path / 'eval3'}",
-       f"--annotations_dir={tmp_path / 'ann'}", "--arm_correction=false", "--pooling=cls", "--block=1"])
+       f"--annotations_dir={tmp_path / 'ann'}", "--arm_correction=false", "--pooling=cls", "--block=1"], cache_dir)
   bad = subprocess.run([sys.executable, "-m", "eval.recall", f"--ckpt={tmp_path}", f"--manifest={manifest}",
                         f"--out={tmp_path / 'eval_bad'}"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -315,7 +315,7 @@ def test_verdicts_read_differences_against_their_standard_errors():
   assert se == pytest.approx(math.sqrt(0.25 / 100 + 0.1 ** 2 / 3))
 
 
-def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, tmp_path):
+def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, tmp_path, full_compiles):
   """stride 2 on 64² sites with 32² tiles keeps tile (0, 0) of each site."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -239,7 +239,7 @@ def test_rfft_loss_and_gradient_equal_the_full_fft():
     np.testing.assert_allclose(new[1], ref[1], rtol=1e-5, atol=1e-7)
 
 
-def test_embedding_compiled_without_ynnpack_fusions_is_the_same():
+def test_embedding_compiled_without_ynnpack_fusions_is_the_same(full_compiles):
   from mae_jax.train import cpu_options  # pylint: disable=g-import-not-at-top
   cfg = tiny.get_config().model
   with nnx.use_eager_sharding(False):

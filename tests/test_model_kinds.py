@@ -79,7 +79,7 @@ def test_sigterm_resume_and_recall(name, screen, tmp_path, cache_dir):
 
   out_dir = tmp_path / "eval"
   out = run(["eval.recall", f"--ckpt={stopped}", f"--manifest={manifest}", f"--out={out_dir}",
-             f"--annotations_dir={annotations}", "--arm_correction=false"])
+             f"--annotations_dir={annotations}", "--arm_correction=false"], cache_dir)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["n_perturbations"] == 24 and set(result["sources"]) >= {"CORUM", "StringDB"}
   assert json.loads((out_dir / "recall.json").read_text()) == result

@@ -135,7 +135,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())}
 
 
-def test_resume_converts_checkpoints_between_layouts(tmp_path, devices, fast_compiles, capsys):
+def test_resume_converts_checkpoints_between_layouts(tmp_path, devices, capsys):
   """An unrolled run (its config.json without scan_layers) resumes scanned on an FSDP mesh and
   back: parameters and Adam moments are converted, the losses follow the uninterrupted run."""
   def run(workdir, scan, stop_at, mesh=(8, 1, 1)):

@@ -99,7 +99,7 @@ def reference(reference_run):
 
 
 # -- sharding -----------------------------------------------------------------------------------
-def test_params_and_moments_are_sharded_as_the_rules_say(devices, fast_compiles):
+def test_params_and_moments_are_sharded_as_the_rules_say(devices):
   config = tiny.get_config()
   rules = sharding.normalize_rules(config.sharding_rules)
   with nnx.use_eager_sharding(False):  # the logical names each parameter was declared with
@@ -263,7 +263,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, devices):
 
 
 # -- the step itself ----------------------------------------------------------------------------
-def test_microbatches_with_remat_equal_averaged_chunk_gradients(devices, fast_compiles):
+def test_microbatches_with_remat_equal_averaged_chunk_gradients(devices):
   """microbatches=2 + remat: one update with the mean gradient of the two interleaved chunks."""
   config = tiny.get_config()
   config.update(microbatches=2, remat=True)

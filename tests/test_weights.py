@@ -299,7 +299,7 @@ def test_command_errors_are_one_line(tmp_path):
                                                   "mae_jax.weights")
 
 
-def test_recall_embeds_with_an_imported_checkpoint(tmp_path):
+def test_recall_embeds_with_an_imported_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / "phenom"
   out = run("mae_jax.weights", "import", f"--from={MAE_FILE}", *FLAGS, f"--workdir={workdir}")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -307,7 +307,7 @@ def test_recall_embeds_with_an_imported_checkpoint(tmp_path):
   manifest = write_screen(tmp_path, np.random.default_rng(0))  # 64² sites: 4 tiles of 32²
   recall = run_e2e(["eval.recall", f"--ckpt={workdir}", f"--manifest={manifest}",
                     f"--out={tmp_path / 'eval'}", f"--annotations_dir={write_annotations(tmp_path / 'ann')}",
-                    "--arm_correction=false"])
+                    "--arm_correction=false"], cache_dir)
   saved = json.loads((tmp_path / "eval" / "recall.json").read_text())
   assert json.loads(recall.stdout.strip().splitlines()[-1]) == saved
   assert saved["n_perturbations"] == 24

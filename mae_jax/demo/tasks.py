@@ -2,6 +2,7 @@
 `python -m mae_jax.experiments`. `paths` is a dict with at least `screen`, `shards`, `manifest`,
 `expression` and (for the held-out loss) `train`, the run's training workdir.
 """
+import functools
 import os
 
 from mae_jax.demo import stages
@@ -132,20 +133,21 @@ def loss_evaluation(paths, model_cfg, seed, steps, crops=EVAL_CROPS):
   batches = [next(it)["image"] for _ in range(max(1, crops // EVAL_BATCH))]
   keys = [jax.random.key(10_000 + i) for i in range(len(batches))]
   p, fw = model_cfg.patch_size, model_cfg.fourier_weight
+
+  # graphdef is static: the checkpoints of one graph share one compile.
+  @functools.partial(jax.jit, static_argnums=0)
+  def evaluate(graphdef, state, images, key):
+    loss, aux = nnx.merge(graphdef, state)({"image": images}, key)
+    zero, _, _ = mae.reconstruction_loss(jnp.zeros_like(aux["target"]), aux["target"],
+                                         aux["mask"], p, fw)
+    return loss, aux["mse"], zero, aux
+
   out, grid = {}, None
   for step in [0] + list(steps):
     ckpt = os.path.join(paths["train"], "checkpoints", str(step)) if step else None
     _, model = mesh_and_model(model_cfg, ckpt, seed)
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def evaluate(state, images, key):
-      loss, aux = nnx.merge(graphdef, state)({"image": images}, key)
-      zero, _, _ = mae.reconstruction_loss(jnp.zeros_like(aux["target"]), aux["target"],
-                                           aux["mask"], p, fw)
-      return loss, aux["mse"], zero, aux
-
-    rows = [evaluate(state, jnp.asarray(b), k) for b, k in zip(batches, keys)]
+    rows = [evaluate(graphdef, state, jnp.asarray(b), k) for b, k in zip(batches, keys)]
     out[step] = {"loss": float(np.mean([r[0] for r in rows])),
                  "mse": float(np.mean([r[1] for r in rows])),
                  "mean_predictor": float(np.mean([r[2] for r in rows]))}

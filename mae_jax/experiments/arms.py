@@ -90,7 +90,7 @@ TINY = {
             ("model.num_init_features", 8)),
     "all": (("batch_size", 8), ("log_every", 1)),
 }
-TINY_SUITE = Suite("tiny", 0.05, 1, (8, 16, 24), (0.5, 1.0), 2, 2, probe_steps=6,
+TINY_SUITE = Suite("tiny", 0.05, 1, (8, 16), (0.5, 1.0), 2, 2, probe_steps=6,
                    arm_probe_steps=4, loss_crops=64, cp_field=64)
 
 
