@@ -142,8 +142,8 @@ def check_screen_report(out, data):
   assert "| WSL DenseNet (labels: gene) |" in text and "equal training FLOPs" in text
 
 
-def test_rerun_after_a_kill_redoes_no_finished_stage(killed_and_resumed):
-  out, first, before, proc, _ = killed_and_resumed
+def test_rerun_after_a_kill_redoes_no_finished_stage(killed_and_resumed, cache_dir):
+  out, first, before, proc, args = killed_and_resumed
   finished = {("default", k) for book in before.values() for k in book["stages"]}
   assert {("default", k) for k in ("screen", "shards", "pixel_stats", "cellprofiler",
                                    f"train_{arms.REFERENCE}_s0", "train_wsl_s0",
@@ -156,6 +156,10 @@ def test_rerun_after_a_kill_redoes_no_finished_stage(killed_and_resumed):
   in_flight = sorted(stage_lines(first, "running") - finished)
   assert len(in_flight) == 1 and in_flight[0] in stage_lines(proc.stderr, "running")
   assert ("granular", "screen") in stage_lines(proc.stderr, "running")
+  # A third run reuses everything but the scoring passes (which reuse their recall.json files).
+  again = suite(*args, cache_dir=cache_dir)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert stage_lines(again.stderr, "running") == {(s, "score") for s in STYLES}
 
 
 def test_manifest_of_a_converted_screen_without_ground_truth(tmp_path, cache_dir):
@@ -315,7 +319,8 @@ def test_verdicts_read_differences_against_their_standard_errors():
   assert se == pytest.approx(math.sqrt(0.25 / 100 + 0.1 ** 2 / 3))
 
 
-def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, tmp_path, full_compiles):
+def test_strided_embedding_is_the_mean_of_the_chosen_tiles(killed_and_resumed, tmp_path,
+                                                           full_compiles):
   """stride 2 on 64² sites with 32² tiles keeps tile (0, 0) of each site."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
