@@ -2,8 +2,9 @@
 
 Compiles run with fewer XLA passes (JAX_DISABLE_MOST_OPTIMIZATIONS, inherited by every command a
 test starts): the tests check what a program computes, and comparisons run both sides under the
-same setting; compiling the suite's many small programs fully took a third of its time. A test
-about the optimised program itself takes the `full_compiles` fixture.
+same setting; the suite compiles many small programs, and full compiles made its most
+compile-bound modules ~45 % slower (295 s vs 203 s on 2 cores). A test about the optimised program
+itself takes the `full_compiles` fixture.
 """
 import os
 
