@@ -17,6 +17,7 @@ import re
 import sys
 
 from mae_jax.util.errors import UserError  # commands raise it as cli.UserError
+from mae_jax.util import host_memory
 
 USAGE = 2  # the exit status of every user mistake
 # What `main` may raise for a user mistake; flag-parsing errors are added where flags are parsed.
@@ -147,6 +148,7 @@ def run(main, argv=None, *, absl_flags: bool = True):
   resolves against the installed configs package when the path is not found (packaged_config).
   Otherwise `main(argv)` parses argv itself, with cli.ArgumentParser. main's return value is the exit status (None: 0).
   """
+  host_memory.keep_freed_memory()  # before jax starts its threads: see the module
   command = command_name(main)
   args = list(sys.argv[1:] if argv is None else argv)
   if not absl_flags:
