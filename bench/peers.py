@@ -7,8 +7,9 @@
 Run it with a python that has torch and timm (`pip install torch timm`, CPU wheels; torch is not a
 dependency of the repo: without it this prints one "skipped" line and exits 0), e.g.
   PYTHONPATH=. /path/to/torch_venv/bin/python -m bench.peers --jax_python=.venv/bin/python
-The peers run in this process, on the CPU, with torch pinned to --threads (inter-op 1). Ours run as
-subprocesses (`bench.train_step`, `bench.embed`, JAX_PLATFORMS=cpu) of --jax_python (default: this
+The peers run in this process, on the CPU, with torch pinned to --threads (inter-op 1) and the
+same glibc malloc settings as ours (mae_jax/util/host_memory.py; MAE_JAX_MALLOC=system: neither's).
+Ours run as subprocesses (`bench.train_step`, `bench.embed`, JAX_PLATFORMS=cpu) of --jax_python (default: this
 python when it can import jax), one after the other and before the peers: torch and XLA:CPU in one
 process fight over the same cores.
 
