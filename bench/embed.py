@@ -133,4 +133,4 @@ def scaling(args, counts):
 
 
 if __name__ == "__main__":
-  cli.run(main, absl_flags=False)
+  cli.run(main, absl_flags=False, keep_freed_memory=True)

@@ -368,4 +368,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  cli.run(main, absl_flags=False)
+  cli.run(main, absl_flags=False, keep_freed_memory=True)

@@ -283,4 +283,4 @@ def main(argv):
 if __name__ == "__main__":
   from mae_jax.util import cli as _cli
   _define_flags()
-  _cli.run(main)
+  _cli.run(main, keep_freed_memory=True)

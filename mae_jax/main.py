@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, keep_freed_memory=True)

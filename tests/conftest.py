@@ -4,12 +4,16 @@ Compiles run with fewer XLA passes (JAX_DISABLE_MOST_OPTIMIZATIONS, inherited by
 test starts): the tests check what a program computes, and comparisons run both sides under the
 same setting; the suite compiles many small programs, and full compiles made its most
 compile-bound modules ~45 % slower (295 s vs 203 s on 2 cores). A test about the optimised program
-itself takes the `full_compiles` fixture.
+itself takes the `full_compiles` fixture. For the same reason the training and embedding commands
+the tests start keep glibc's malloc (MAE_JAX_MALLOC=system): their single-arena setting
+(mae_jax/util/host_memory.py) makes compiles ~20 % slower and only pays back over real steps;
+tests/test_host_memory.py checks the setting itself.
 """
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("MAE_JAX_MALLOC", "system")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

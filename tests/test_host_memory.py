@@ -1,6 +1,6 @@
-"""mae_jax/util/host_memory.py: every command keeps freed big buffers in the process, so a step's
-temporaries (XLA:CPU mallocs and frees GBs per train step, on its own threads) do not page-fault
-again every step; MAE_JAX_MALLOC=system and a user's own allocator leave glibc as it is."""
+"""mae_jax/util/host_memory.py: step-bound commands keep freed big buffers in the process, so a
+step's temporaries (XLA:CPU mallocs and frees GBs per train step, on its own threads) do not
+page-fault again every step; MAE_JAX_MALLOC=system and a user's own allocator leave glibc as it is."""
 import os
 import pathlib
 import platform
@@ -14,7 +14,7 @@ from mae_jax.util import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# A command (through cli.run, as every `python -m` entry point) that allocates, fills and frees a
+# A step-bound command (through cli.run with keep_freed_memory, as mae_jax.main) that allocates, fills and frees a
 # 64 MiB buffer on a new thread, like an XLA:CPU worker, and prints the page faults of the last of
 # three such "steps".
 PROBE = textwrap.dedent("""
@@ -36,12 +36,13 @@ PROBE = textwrap.dedent("""
         worker.join()
       print(faults[-1])
 
-    cli.run(main, [], absl_flags=False)
+    cli.run(main, [], absl_flags=False, keep_freed_memory=True)
 """)
 
 
 def _faults_per_step(**env):
-  out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**os.environ, **env},
+  environ = {k: v for k, v in os.environ.items() if k != "MAE_JAX_MALLOC"}  # conftest's opt-out
+  out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**environ, **env},
                        capture_output=True, text=True, check=True)
   return int(out.stdout.split()[-1])
 

@@ -139,7 +139,7 @@ class _QuietOrbax(logging.Filter):
             or absl_logging.get_verbosity() > 0)
 
 
-def run(main, argv=None, *, absl_flags: bool = True):
+def run(main, argv=None, *, absl_flags: bool = True, keep_freed_memory: bool = False):
   """Runs `main` as the command line `argv` (default: sys.argv[1:]) and exits with its status.
 
   absl_flags: the absl flags are parsed ONCE, here (a second parse, as `app.run(main)` does,
@@ -147,8 +147,12 @@ def run(main, argv=None, *, absl_flags: bool = True):
   not idempotent), then `main(remaining argv)` runs under app.run; `--config=configs/NAME.py`
   resolves against the installed configs package when the path is not found (packaged_config).
   Otherwise `main(argv)` parses argv itself, with cli.ArgumentParser. main's return value is the exit status (None: 0).
+  keep_freed_memory: for commands whose time goes into jitted steps (training, embedding, their
+  benchmarks): glibc keeps freed buffers for the next step (mae_jax/util/host_memory.py), set
+  here, before jax starts its threads.
   """
-  host_memory.keep_freed_memory()  # before jax starts its threads: see the module
+  if keep_freed_memory:
+    host_memory.keep_freed_memory()
   command = command_name(main)
   args = list(sys.argv[1:] if argv is None else argv)
   if not absl_flags:

@@ -14,9 +14,14 @@ reused by the next step.
   M_ARENA_MAX = 1           one heap: XLA's worker threads would otherwise get per-thread arenas
                             of at most 64 MiB, whose big requests fall back to mmap() again
 
-They apply to threads created afterwards, so every command sets them before jax starts its
-backend (mae_jax.util.cli.run). PyTorch's CPU tensors come from the same glibc malloc, so
-bench/peers.py, a command too, times the PyTorch peers under the same settings.
+They apply to threads created afterwards, so commands whose time goes into jitted steps (training
+mae_jax.main, eval.embed and the step benchmarks) set them before jax starts its backend
+(mae_jax.util.cli.run(..., keep_freed_memory=True)). The price: one arena serialises the
+compiler threads' small mallocs, so compiling costs more (the tiny + ViT-S/16 train steps: 16.0
+-> 19.3 s, mean of 5 runs each, 2 cores), which a ViT-S/16 step's ~1 s saving repays after a
+few steps; compile-bound commands (mae_jax.compile, the demo and the study with their many short
+runs, the test suite) keep glibc's defaults. PyTorch's CPU tensors come from the same glibc
+malloc, so bench/peers.py times the PyTorch peers under the same settings.
 
 Only glibc has mallopt; elsewhere (macOS, musl), when the user chose an allocator (LD_PRELOAD of
 jemalloc / tcmalloc, glibc.malloc tunables in GLIBC_TUNABLES) or set MAE_JAX_MALLOC=system,
