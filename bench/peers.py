@@ -10,8 +10,8 @@ dependency of the repo: without it this prints one "skipped" line and exits 0), 
 The peers run in this process, on the CPU, with torch pinned to --threads (inter-op 1) and the
 same glibc malloc settings as ours (mae_jax/util/host_memory.py; MAE_JAX_MALLOC=system: neither's).
 Ours run as subprocesses (`bench.train_step`, `bench.embed`, JAX_PLATFORMS=cpu) of --jax_python
-(default: this python when it can import jax), one after the other and before the peers: torch and XLA:CPU in one
-process fight over the same cores.
+(default: this python when it can import jax), one after the other and before the peers: torch
+and XLA:CPU in one process fight over the same cores.
 
 The peers, written from the upstream code's description (not copied), ViT-S/16 on 256x256x6 crops:
   facebookresearch_mae  github.com/facebookresearch/mae models_mae.py: timm `Block` encoder (qkv

@@ -1,6 +1,7 @@
 """mae_jax/util/host_memory.py: step-bound commands keep freed big buffers in the process, so a
 step's temporaries (XLA:CPU mallocs and frees GBs per train step, on its own threads) do not
-page-fault again every step; MAE_JAX_MALLOC=system and a user's own allocator leave glibc as it is."""
+page-fault again every step; MAE_JAX_MALLOC=system and a user's own allocator leave glibc as
+it is."""
 import os
 import pathlib
 import platform
@@ -14,9 +15,9 @@ from mae_jax.util import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# A step-bound command (through cli.run with keep_freed_memory, as mae_jax.main) that allocates, fills and frees a
-# 64 MiB buffer on a new thread, like an XLA:CPU worker, and prints the page faults of the last of
-# three such "steps".
+# A step-bound command (cli.run with keep_freed_memory, as mae_jax.main) that allocates, fills
+# and frees a 64 MiB buffer on a new thread, like an XLA:CPU worker, and prints the page faults of
+# the last of three such "steps".
 PROBE = textwrap.dedent("""
     import resource, threading
     import numpy as np

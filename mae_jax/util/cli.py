@@ -16,8 +16,8 @@ import os
 import re
 import sys
 
-from mae_jax.util.errors import UserError  # commands raise it as cli.UserError
 from mae_jax.util import host_memory
+from mae_jax.util.errors import UserError  # commands raise it as cli.UserError
 
 USAGE = 2  # the exit status of every user mistake
 # What `main` may raise for a user mistake; flag-parsing errors are added where flags are parsed.

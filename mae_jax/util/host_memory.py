@@ -5,9 +5,9 @@ scanned blocks' saved activations alone are ~1 GB) and frees them when the step 
 every block above its mmap threshold (at most 32 MiB) with a fresh mmap() and unmaps it on free,
 so each step touches its buffers' pages for the first time again: measured 0.63 M minor page
 faults (2.5 GB) per train step, which the kernel zero-fills one 4 KiB page at a time. With the
-three settings below the same step faults 0 pages and takes 8.46 s instead of 9.66 s (bench/
-train_step.py, 2 cores), at the same peak RSS (3.2 GB): freed blocks go back to one heap and are
-reused by the next step.
+three settings below the same step faults 0 pages and takes 8.46 s instead of 9.66 s (the step
+of bench/train_step.py, best of 3, 2 cores), at the same peak RSS (3.2 GB): freed blocks go back
+to one heap and are reused by the next step.
 
   M_MMAP_MAX = 0            big blocks come from the heap, not from mmap()
   M_TRIM_THRESHOLD = 2 GiB  the heap keeps up to 2 GiB of freed top memory instead of returning it
