@@ -15,6 +15,8 @@
 #   TRAIN_STEPS    timed train steps per model [5]
 #   EMBED_BATCH    embedding batch [256]
 #   DEMO_MINUTES   the demo's training budget [2]
+#   DEMO_WORKERS   the demo's processes for rendering, sharding and pixel statistics [the host's
+#                  cores, at most 16]: its CPU stages take ~4 minutes with the demo's own 2
 #   T_COMMON T_TRAIN T_EMBED T_DEMO   per-step timeouts in seconds [45 180 75 270]: 570 s in all
 #   DRY_RUN=1      print every command above ("DRY-RUN: " + the command, one per line), then run a
 #                  tiny smoke version of the benchmarks on the CPU in seconds instead (CI: the
@@ -68,6 +70,8 @@ l8=${L8_BATCH:-128}
 train_steps=${TRAIN_STEPS:-5}
 embed_batch=${EMBED_BATCH:-256}
 demo_minutes=${DEMO_MINUTES:-2}
+cores=$(nproc 2>/dev/null || echo 2)
+demo_workers=${DEMO_WORKERS:-$((cores < 16 ? cores : 16))}
 
 # The full-scale commands, one array each.
 # bench.common: 8192^2 products, since a 2048^2 one is bound by dispatch on a GPU.
@@ -78,7 +82,8 @@ train_cmd=("$PYTHON" -m bench.train_step
   "--steps=$train_steps" --threads=0)
 embed_cmd=("$PYTHON" -m bench.embed --config=vits16 --precision=bfloat16
   "--batch=$embed_batch" --seconds=10)
-demo_cmd=("$PYTHON" -m mae_jax.demo "--out=$OUT/demo" "--budget_minutes=$demo_minutes")
+demo_cmd=("$PYTHON" -m mae_jax.demo "--out=$OUT/demo" "--budget_minutes=$demo_minutes"
+  "--workers=$demo_workers")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   for step in "common ${T_COMMON:-45}" "train ${T_TRAIN:-180}" "embed ${T_EMBED:-75}" \
