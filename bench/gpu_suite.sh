@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of mae_jax in one go (<= 10 minutes on one 80-140 GB GPU), for a machine that is
-# lent for a short while: the yardsticks, the bf16 train step of ViT-S/16, ViT-B/16 and ViT-L/8
-# (with MFU against the chip's spec peak), the ViT-S/16 embedding, and the demo at GPU speed.
-# Each step runs under `timeout`; a failing step is reported and the next one still runs.
+# The GPU check of mae_jax in one go, for a machine that is lent for a short while: the
+# yardsticks, the bf16 train step of ViT-S/16, ViT-B/16 and ViT-L/8 (with MFU against the chip's
+# spec peak), the ViT-S/16 embedding, and the demo at GPU speed. Each step runs under `timeout`;
+# a failing step is reported and the next one still runs. At most 12.5 minutes: on an H200 (16
+# host cores) each train step took ~2 minutes to compile (S/16 125 s, B/16 111 s: XLA's GEMM
+# autotuning; XLA_FLAGS=--xla_gpu_autotune_level=0 would shorten it, not measured here).
 #
 # Usage: bash bench/gpu_suite.sh        (from anywhere; it runs in the repository root)
 #
@@ -10,14 +12,18 @@
 #   OUT            folder for gpu_suite.jsonl and one log per step [a new temp folder]
 #   PYTHON         the python that runs the repository, jax with CUDA [python]
 #   S16_BATCH B16_BATCH L8_BATCH   train-step batches of vits16, vitb16, vitl8 [1024 512 128]:
-#                  the largest powers of two that leave room on an 80 GB GPU (bfloat16, scanned
-#                  layers, cuDNN attention); raise them on a 141 GB H200
+#                  S/16 at 1024 and B/16 at 512 ran on an H200 (bfloat16, scanned layers);
+#                  L/8 at 128 asked for 125 GiB there while attention stored its scores, and
+#                  needs cuDNN's flash attention (mae_jax/models/vit.py), now the default
 #   TRAIN_STEPS    timed train steps per model [5]
 #   EMBED_BATCH    embedding batch [256]
-#   DEMO_MINUTES   the demo's training budget [2]
+#   DEMO_MINUTES   the demo's training budget [1]
 #   DEMO_WORKERS   the demo's processes for rendering, sharding and pixel statistics [the host's
-#                  cores, at most 16]: its CPU stages take ~4 minutes with the demo's own 2
-#   T_COMMON T_TRAIN T_EMBED T_DEMO   per-step timeouts in seconds [45 180 75 270]: 570 s in all
+#                  cores, at most 16]: on 2 workers its CPU stages took ~4 minutes
+#   T_COMMON T_TRAIN T_EMBED T_DEMO   per-step timeouts in seconds [30 420 60 240]: 750 s in all
+#                  (on an H200: common 17 s; the S/16 + B/16 compiles 236 s; embed 48 s)
+#   MAE_JAX_CACHE  the demo's annotation wheel: an offline host needs it there (the demo's error
+#                  line says which file; docs/data_layouts.md §7)
 #   DRY_RUN=1      print every command above ("DRY-RUN: " + the command, one per line), then run a
 #                  tiny smoke version of the benchmarks on the CPU in seconds instead (CI: the
 #                  scripts this calls still parse their flags and print JSON)
@@ -69,7 +75,8 @@ b16=${B16_BATCH:-512}
 l8=${L8_BATCH:-128}
 train_steps=${TRAIN_STEPS:-5}
 embed_batch=${EMBED_BATCH:-256}
-demo_minutes=${DEMO_MINUTES:-2}
+demo_minutes=${DEMO_MINUTES:-1}
+t_common=${T_COMMON:-30} t_train=${T_TRAIN:-420} t_embed=${T_EMBED:-60} t_demo=${T_DEMO:-240}
 cores=$(nproc 2>/dev/null || echo 2)
 demo_workers=${DEMO_WORKERS:-$((cores < 16 ? cores : 16))}
 
@@ -86,8 +93,7 @@ demo_cmd=("$PYTHON" -m mae_jax.demo "--out=$OUT/demo" "--budget_minutes=$demo_mi
   "--workers=$demo_workers")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  for step in "common ${T_COMMON:-45}" "train ${T_TRAIN:-180}" "embed ${T_EMBED:-75}" \
-    "demo ${T_DEMO:-270}"; do
+  for step in "common $t_common" "train $t_train" "embed $t_embed" "demo $t_demo"; do
     ref="${step% *}_cmd[@]"
     words=("${!ref}")
     echo "DRY-RUN: timeout ${step#* } ${words[*]@Q}"
@@ -100,10 +106,10 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   run_step smoke_demo_flags 60 "$PYTHON" -m mae_jax.demo --help
 else
   echo "gpu_suite: JSON lines to $JSONL"
-  run_step common "${T_COMMON:-45}" "${common_cmd[@]}"
-  run_step train_step "${T_TRAIN:-180}" "${train_cmd[@]}"
-  run_step embed "${T_EMBED:-75}" "${embed_cmd[@]}"
-  run_step demo "${T_DEMO:-270}" "${demo_cmd[@]}"
+  run_step common "$t_common" "${common_cmd[@]}"
+  run_step train_step "$t_train" "${train_cmd[@]}"
+  run_step embed "$t_embed" "${embed_cmd[@]}"
+  run_step demo "$t_demo" "${demo_cmd[@]}"
 fi
 echo "gpu_suite: $failures step(s) failed; all JSON lines in $JSONL"
 [[ $failures == 0 ]]

@@ -5,6 +5,7 @@ itself knows nothing of meshes. Compute runs in `dtype` (float32 or bfloat16) wi
 parameters; LayerNorms, softmax statistics and the residual stream stay float32.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +78,30 @@ def drop_path(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def gpu_attention_implementation(q):
+  """`jax.nn.dot_product_attention`'s implementation on a GPU for queries like `q`.
+
+  'cudnn' (flash attention: the (N, N) scores never reach memory) where cuDNN's fused kernel
+  takes the operands: an NVIDIA GPU of compute capability >= 8.0, bfloat16 or float16, head_dim a
+  multiple of 8 up to 128. Else 'xla', which materialises the scores: a ViT-L/8 MAE step at batch
+  128 then asks for ~125 GiB (measured on an H200). jax's default (implementation=None) is 'xla'.
+  MAE_JAX_ATTENTION=xla forces 'xla' (docs/interfaces.md §5).
+  """
+  if os.environ.get("MAE_JAX_ATTENTION", "").lower() == "xla":
+    return "xla"
+  capability = getattr(jax.devices()[0], "compute_capability", None)  # None on ROCm
+  fits = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+          and capability is not None
+          and tuple(int(c) for c in capability.split(".")[:2]) >= (8, 0))
+  return "cudnn" if fits else "xla"
+
+
 @functools.partial(jax.named_call, name="attention")  # named ops: bench/profile_step.py
 def attention(q, k, v):
   """softmax(q k^T / sqrt(d)) v over (B, N, H, hd) heads, stats in float32."""
-  if jax.default_backend() == "gpu":  # cuDNN flash attention where it applies
-    return jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
+  if jax.default_backend() == "gpu":
+    return jax.nn.dot_product_attention(
+        q, k, v, implementation=gpu_attention_implementation(q)).astype(q.dtype)
   # Train-step throughput: divide by the softmax sums AFTER the AV product, i.e. on
   # (B, N, H, hd) instead of (B, H, N, N). Same math; on XLA:CPU it takes ~38 % off attention's
   # forward + backward (ViT-S/16 MAE step: 0.55 -> 0.59 of the matmul yardstick).
