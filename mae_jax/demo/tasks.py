@@ -62,10 +62,20 @@ def save_sites(path, site_emb, site_meta):
   stages.save_wells(path, *embed.wells_from_sites(site_emb, site_meta))
 
 
-def scoring_inputs(paths):
-  """The annotation pairs of every default source and the expression table of the screen."""
+def scoring_inputs(paths, wells_path):
+  """The shared inputs of every scoring (`score`): the annotation pairs of every default source,
+  restricted to pairs of names that occur in the metadata of the wells at `wells_path`, and the
+  screen's expression table.
+
+  Only pairs of genes in the map are ever scored (eval/benchmarks.py: filter_pairs), and the map's
+  genes are metadata values of the screen, so the restriction changes no number; it makes each
+  of the many scorings filter thousands of pairs instead of every annotated one.
+  """
   from eval import recall  # pylint: disable=g-import-not-at-top
-  return {"pairs_by_source": recall.load_sources(recall.DEFAULTS["sources"]),
+  _, meta = stages.load_wells(wells_path)
+  names = {str(v) for c in meta.columns for v in meta[c].unique()}
+  return {"pairs_by_source": {s: [p for p in v if p[0] in names and p[1] in names]
+                              for s, v in recall.load_sources(recall.DEFAULTS["sources"]).items()},
           "expression": recall.load_expression(paths["expression"])}
 
 
@@ -93,7 +103,8 @@ def embed_model(paths, path, model_cfg=None, ckpt=None, seed=0):
 def score(paths, emb_path, out_dir, shared):
   """recall.json of every RECALL_VARIANTS entry for one well-embedding file (each reused).
 
-  `shared` holds the annotation pairs and expression table, read once for all scorings.
+  `shared` holds the annotation pairs and expression table (`scoring_inputs`), read once for all
+  scorings of one screen: filled here from the first embedding file if empty.
   """
   from eval import recall  # pylint: disable=g-import-not-at-top
   results = {}
@@ -102,7 +113,7 @@ def score(paths, emb_path, out_dir, shared):
     done = os.path.join(target, "recall.json")
     if not os.path.exists(done):
       if not shared:
-        shared.update(scoring_inputs(paths))
+        shared.update(scoring_inputs(paths, emb_path))
       emb, meta = stages.load_wells(emb_path)
       result = recall.score_wells(emb, meta, **shared, **options)
       result["settings"]["expression"] = paths["expression"]

@@ -304,7 +304,7 @@ def pipeline(out, style, s, settings, first=None):
   scores, shared = {}, {}
 
   def score_all():
-    shared.update(runs.annotations(paths, features["pixel_stats"]))
+    shared.update(tasks.scoring_inputs(paths, features["pixel_stats"]))
     for name, path in features.items():
       scores[name] = tasks.score(paths, path, os.path.join(paths["features"], f"recall_{name}"),
                                  shared)

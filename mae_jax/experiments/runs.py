@@ -124,19 +124,3 @@ def losses(paths, train_dir, config, steps, crops=tasks.EVAL_CROPS):
                    "baseline": math.log(classes), "chance_accuracy": 1.0 / classes,
                    "baseline_name": "ln(classes): every class alike (training batches)"}
   return out
-
-
-def annotations(paths, wells_path):
-  """The shared inputs of every scoring (tasks.score): the annotation pairs of every source,
-  restricted to pairs of names that occur in the screen's metadata, and the expression table.
-
-  Only pairs of genes in the map are ever scored (eval/benchmarks.py: filter_pairs), and the map's
-  genes are metadata values of the screen, so the restriction changes no number; it makes each
-  of the many scorings filter thousands of pairs instead of every annotated one.
-  """
-  _, meta = stages.load_wells(wells_path)
-  names = {str(v) for c in meta.columns for v in meta[c].unique()}
-  inputs = tasks.scoring_inputs(paths)
-  inputs["pairs_by_source"] = {s: [p for p in v if p[0] in names and p[1] in names]
-                               for s, v in inputs["pairs_by_source"].items()}
-  return inputs
