@@ -104,9 +104,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.threads:
     common.configure_threads(args.threads)
-  # XLA:GPU replays most kernels as CUDA graphs (command buffers), whose kernels reach the trace
-  # without their HLO op: only the uncaptured ones (cuFFT) were attributed on an H200. Profile
-  # without them; the flag is inert on the CPU. The step runs slower so, a caveat on step_s there.
+  # XLA:GPU replays most kernels as CUDA graphs (command buffers). On an H200 only the kernels
+  # outside them (cuFFT) were attributed to an HLO op, so profile without them (inert on the CPU;
+  # the step runs slower on a GPU so: a caveat on step_s there).
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   import jax  # pylint: disable=g-import-not-at-top
   from bench import train_step  # pylint: disable=g-import-not-at-top
@@ -127,8 +127,8 @@ def main(argv=None):
     per_class, per_op = collections.Counter(), collections.Counter()
     # On an accelerator the host plane holds each kernel's launch under the same hlo_op: count
     # only the device planes' kernels there.
-    planes = [p for p in profile.planes
-              if jax.default_backend() == "cpu" or p.name.startswith("/device:")]
+    on_cpu = jax.default_backend() == "cpu"
+    planes = [p for p in profile.planes if on_cpu or p.name.startswith("/device:")]
     for plane in planes:
       for line in plane.lines:
         for event in line.events:
