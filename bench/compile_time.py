@@ -75,6 +75,9 @@ def main(argv=None):
                              f"device_count={args.devices}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
+  # Compiles are what this measures: a persistent cache set in the environment
+  # (JAX_COMPILATION_CACHE_DIR) would time a cache read, and its executables carry no cost analysis.
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     config = load_config(args.config)
   except ValueError as e:

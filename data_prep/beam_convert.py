@@ -52,9 +52,14 @@ def run(tasks, out: str, expect: dict, runner: str, beam_args=()) -> list[dict]:
              # Breaks fusion with Create, so that runners spread the shards over workers.
              | "spread" >> beam.Reshuffle()
              | "write" >> beam.Map(_write, out, expect))
-    except ConvertError:
-      raise
     except Exception as e:  # pylint: disable=broad-except
+      # A worker that was mid-shard when another failed can leave its temporary file (seen on a
+      # loaded machine): remove those now, not only on the rerun, so nothing half-written stays.
+      for t in tasks:
+        if shards.finished(t, out) is None:
+          shards.clear_leftovers(t, out)
+      if isinstance(e, ConvertError):
+        raise
       raise ConvertError(f"Beam pipeline on {runner} failed: {_one_line(e)}; rerun the same "
                          "command to resume") from None
   stats = [shards.finished(t, out) for t in tasks]

@@ -92,4 +92,4 @@ def clear_leftovers(task: Task, out: str) -> None:
   path = out_path(out, task.path)
   for f in path.parent.glob(path.name + ".*"):
     if ".tmp" in f.name[len(path.name):]:
-      f.unlink()
+      f.unlink(missing_ok=True)  # a stopping writer may remove or rename it meanwhile

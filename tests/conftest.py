@@ -27,18 +27,36 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
 @pytest.fixture(scope="session")
 def devices():
   assert len(jax.devices()) == 8, jax.devices()
   return jax.devices()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):
-  """One persistent-compilation-cache folder for every command a test runs in a subprocess."""
-  path = tmp_path_factory.getbasetemp() / "mae_jax_compile_cache"
+  """One persistent-compilation-cache folder for every command a test runs in a subprocess.
+
+  Shared by the xdist workers (the run's base folder holds each worker's own), and exported, so
+  every command inherits it: the suite's commands compile the same tiny programs again and again
+  (the same train step in tests/test_train.py, test_train_behaviours.py, test_model_kinds.py ...),
+  and a module's worker is not known in advance. The tests themselves compile in-process, cold.
+  """
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "mae_jax_compile_cache"
   path.mkdir(exist_ok=True)
-  return path
+  saved = {k: os.environ.get(k) for k in CACHE_ENV}
+  os.environ.update(zip(CACHE_ENV, (str(path), "0", "0")))
+  yield path
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 @pytest.fixture

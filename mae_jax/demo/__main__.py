@@ -174,11 +174,9 @@ def eval_steps(paths):
 
 # -- main ---------------------------------------------------------------------------------------
 def pipeline(out):
-  import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.models import flops  # pylint: disable=g-import-not-at-top
   from mae_jax.demo import report  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  stages.use_compile_cache(out)
   paths = {"out": out, "screen": os.path.join(out, "screen"), "shards": os.path.join(out, "shards"),
            "features": os.path.join(out, "features"), "run": os.path.join(out, "runs", run_id())}
   paths.update(manifest=os.path.join(paths["shards"], "manifest.json"),

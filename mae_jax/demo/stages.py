@@ -82,6 +82,15 @@ class Timer:
                              "mean": round(sum(load) / len(load), 2)}}
 
 
+def use_compile_cache(out):
+  """XLA's persistent compilation cache in OUT/.jax_cache, so a rerun (or a resumed run) skips
+  the compiles; a cache the caller set (JAX_COMPILATION_CACHE_DIR, as the tests do) is kept."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run_module(args, what):
   """python -m args..., its stderr streamed through; returns its last stdout line as JSON."""
   cmd = [sys.executable, "-m"] + list(args)

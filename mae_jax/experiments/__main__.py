@@ -214,13 +214,10 @@ def run_specs(paths, s, plans, subsets):
 
 def study(out):
   """Every screen's study in DIR/<screen>/, then DIR/report.json and report.md over them."""
-  import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.experiments import screens as screens_report  # pylint: disable=g-import-not-at-top
   s = suite()
   check_settings(out, s)
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the caller's (tests share one)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  stages.use_compile_cache(out)
   by_screen, settings = {}, stages.read_json(os.path.join(out, "study.json"))
   first = None  # (screen, plans): the first screen's budget is every screen's
   for name in screens():
