@@ -11,7 +11,6 @@ The official CA-MAE decoder (`model.decoder="official_ca"`) runs its shared cros
 MLP on all C*n tokens and each channel's Blocks on that channel's n tokens, without CLS
 (`_official_ca_decoder`).
 """
-from mae_jax.models import densenet
 
 
 def _encoder_block(n, d, h):
@@ -42,6 +41,9 @@ def flops_per_image(cfg, channels=None) -> dict:
   if kind == "munet":
     return _munet_flops(cfg)
   if kind == "wsl":
+    # Imported here: this module is plain arithmetic, and the planners that only count FLOPs
+    # (mae_jax.experiments, bench) then start without flax.
+    from mae_jax.models import densenet  # pylint: disable=g-import-not-at-top
     return densenet.flops_per_image(cfg)
   c = cfg.channels if channels is None else channels
   n, keep = tokens(cfg, c)

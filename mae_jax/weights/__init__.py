@@ -7,9 +7,18 @@ Modules: `timm_names` (the name and layout of every tensor, numpy only), `conver
 <-> NNX parameters, every tensor accounted for), `state_dicts` (files), `transfer` (the
 commands as functions; `load_params` for a run that starts from official weights).
 """
-from mae_jax.weights.convert import FORMATS, WeightsError, from_params, to_params
-from mae_jax.weights.state_dicts import read_state_dict, write_safetensors
-from mae_jax.weights.transfer import encoder_tokens, export_weights, import_weights, load_params
+import importlib
 
-__all__ = ["FORMATS", "WeightsError", "encoder_tokens", "export_weights", "from_params",
-           "import_weights", "load_params", "read_state_dict", "to_params", "write_safetensors"]
+_HOME = {"FORMATS": "convert", "WeightsError": "convert", "from_params": "convert",
+         "to_params": "convert", "read_state_dict": "state_dicts",
+         "write_safetensors": "state_dicts", "encoder_tokens": "transfer",
+         "export_weights": "transfer", "import_weights": "transfer", "load_params": "transfer"}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name):
+  """The names above, imported on first use (PEP 562): `python -m mae_jax.weights --help` and
+  its flag errors then answer without importing jax."""
+  if name not in _HOME:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
