@@ -310,6 +310,11 @@ def test_verdicts_read_differences_against_their_standard_errors():
   assert report.spearman(rising)["rho"] == pytest.approx(1.0)
   flat = [{"train_flops": 10.0 ** k, **_entry(0.3 + 0.01 * (k % 2))} for k in range(5)]
   assert report.spearman(flat)["verdict"] == "within noise"
+  unscored = [{"train_flops": 10.0 ** k, "mean": {"recall": None, "se": None}} for k in range(3)]
+  assert report.spearman(unscored)["verdict"] == "not scored"
+  assert report._all(["not scored"] * 2) == "not scored"  # pylint: disable=protected-access
+  assert report._all(["holds", "not scored"]) == "within noise"  # pylint: disable=protected-access
+  assert report._all(["holds", "holds"]) == "holds"  # pylint: disable=protected-access
   seeds = report.combine([{**_entry(v), "uncorrected": {s: 0.1 for s in report.SOURCES},
                            "mean_uncorrected": 0.1, "tvn_no_arm": {s: v for s in report.SOURCES},
                            "mean_tvn_no_arm": v, "arm_mates": {"before": 0.2, "after": 0.0}}
@@ -357,3 +362,15 @@ def test_readme_block_and_figures(killed_and_resumed, tmp_path):
     for name in report.FIGURES:
       assert (tmp_path / "bench" / "results" / "experiments" / f"{style}_{name}").exists()
       assert f"](bench/results/experiments/{style}_{name})" in text
+
+
+def test_figures_of_a_screen_where_nothing_could_be_scored(tmp_path):
+  """Too few genes for every source: every recall is None, and the figures are still drawn."""
+  none = {"recall": None, "se": None}
+  data = {"grid": [{"width": w, "fraction": f, "train_flops": 1e9 * w * (k + 1), "mean": none}
+                   for w in (8, 16) for f in (0.5, 1.0) for k in range(2)],
+          "arms": {"pixel_stats": {"label": "pixel statistics", "mean": none}},
+          "relative_improvement": {s: {"value": None, "se": None} for s in report.SOURCES}}
+  report.plot_scaling(data, tmp_path / "scaling.png")
+  report.plot_relative(data, tmp_path / "relative.png")
+  assert all((tmp_path / n).stat().st_size > 5000 for n in ("scaling.png", "relative.png"))

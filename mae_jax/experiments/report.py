@@ -256,8 +256,11 @@ def build(*, suite, settings, plans, specs, grid, steps_of, loss_of, done, score
 
 
 def _all(verdicts):
+  """"holds" only where every part holds; "not scored" where no part could be scored."""
   verdicts = list(verdicts)
-  if verdicts and all(v == "holds" for v in verdicts):
+  if all(v == "not scored" for v in verdicts):
+    return "not scored"
+  if all(v == "holds" for v in verdicts):
     return "holds"
   return "does not hold" if "does not hold" in verdicts else "within noise"
 
@@ -334,6 +337,8 @@ def plot_scaling(data, path):
                  label=data["arms"][name]["label"])
   ax.axhline(CHANCE, color="grey", lw=0.8, label="chance")
   ax.set_xscale("log")
+  flops = [p["train_flops"] for p in data["grid"]]  # the range even when no recall was scored
+  ax.set_xlim(min(flops) / 1.5, max(flops) * 1.5)
   ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a short log axis collide
   ax.set_xlabel("training FLOPs (forward + backward)")
   ax.set_ylabel("mean recall over sources (± SE)")
