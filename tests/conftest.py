@@ -49,14 +49,10 @@ def cache_dir(tmp_path_factory):
   base = tmp_path_factory.getbasetemp()
   path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "mae_jax_compile_cache"
   path.mkdir(exist_ok=True)
-  saved = {k: os.environ.get(k) for k in CACHE_ENV}
-  os.environ.update(zip(CACHE_ENV, (str(path), "0", "0")))
-  yield path
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+  with pytest.MonkeyPatch.context() as mp:
+    for name, value in zip(CACHE_ENV, (str(path), "0", "0")):
+      mp.setenv(name, value)
+    yield path
 
 
 @pytest.fixture
